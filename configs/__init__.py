@@ -1,0 +1,1 @@
+"""ml_collections configs; each file exports get_config(arg)."""

@@ -1,0 +1,179 @@
+"""Shared defaults for every OVSegmentor config: the authors' recipe (official code behaviour).
+
+Every default lives here or in the per-model config files, never scattered through the code. Configs are
+returned locked (`lock()`), so a misspelt override such as `--config.optim.lr=1` fails with the list of
+valid keys instead of being silently ignored.
+
+Paper-vs-code choices (see README "Paper vs. official code"):
+  * model.binding.mode     'official' (64 -> 8 tokens, token MLP, Gumbel hard assignment) | 'paper'
+  * model.decoder.attend_padding   True reproduces the official decoder, which ignores the padding mask.
+  * loss.mask_cost         'l2' (official) | 'neg_cos' (paper)
+  * loss.dice_norm         'official' (sum over batch / K) | 'mean' (per-sample mean)
+  * data.entity_mode       'official' (case-sensitive match, strip("'s") quirk) | 'fixed'
+"""
+
+import ml_collections
+
+
+def model_config(*, width: int, depth: int = 12, heads: int = 8, text_width: int = 768,
+                 text_layers: int = 12, text_heads: int = 12, text_intermediate: int = 3072,
+                 proj_hidden: int = 4096, proj_out: int = 256, num_group_tokens: int = 64,
+                 num_output_groups: int = 8, patch_size: int = 16, img_size: int = 224,
+                 vocab_size: int = 30522) -> ml_collections.ConfigDict:
+  """Model hyper-parameters. Shapes of every parameter follow from these."""
+  m = ml_collections.ConfigDict()
+  m.vision = ml_collections.ConfigDict(dict(
+      img_size=img_size,               # training resolution; eval resizes the pos-embed bicubically
+      patch_size=patch_size,
+      width=width,
+      depths=(depth // 2, depth - depth // 2),  # blocks before / after the binding module
+      num_heads=heads,                 # official: DINO's ViT-B qkv run as 8 heads (head dim 96)
+      mlp_ratio=4.0,
+      qkv_bias=True,
+      ln_eps=1e-5,                     # official uses PyTorch's default, not DINO's 1e-6
+      drop_path_rate=0.1,              # rises linearly over all blocks
+  ))
+  m.binding = ml_collections.ConfigDict(dict(
+      mode='official',                 # 'official' | 'paper' (sets the three keys below in get_config)
+      num_group_tokens=num_group_tokens,  # K_in: learnable tokens entering the first stage
+      num_output_groups=num_output_groups,  # K_out: groups after the binding module
+      assignment='gumbel_hard',        # 'gumbel_hard' (official, train) | 'soft' (paper Eq. 4)
+      token_mlp_ratio=0.5,             # hidden width of the K_in->K_out token-mixing MLP, x width
+      gumbel_tau=1.0,
+  ))
+  m.text = ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size,
+      width=text_width,
+      num_layers=text_layers,
+      num_heads=text_heads,
+      intermediate=text_intermediate,
+      max_position=512,
+      type_vocab=2,
+      ln_eps=1e-12,
+      dropout=0.1,                     # the official BERT stays in train mode (dropout on) when training
+      max_length=77,
+  ))
+  m.proj = ml_collections.ConfigDict(dict(hidden=proj_hidden, out=proj_out, bn_momentum=0.9,
+                                          bn_eps=1e-5))
+  m.decoder = ml_collections.ConfigDict(dict(
+      num_heads=heads,
+      mlp_ratio=4.0,
+      attend_padding=False,            # True = official quirk: the decoder ignores the padding mask
+  ))
+  m.temperature_init = 0.07            # logit_scale = log(1 / 0.07), learnable
+  m.max_logit_scale = 100.0            # exp(logit_scale) is clamped here (official)
+  m.dtype = 'float32'                  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every non-model key with the authors' defaults. Model configs fill `model` and override the rest."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stage = 1                          # 1: contrast + entity; 2: + mask loss, EMA teacher, frozen text
+  c.recipe = 'two_stage'               # 'two_stage' (authors) | 'paper_single' (lambda=0 then 0.1)
+
+  c.loss = ml_collections.ConfigDict(dict(
+      entity_weight=1.0,
+      mask_weight=0.1,                 # lambda of Eq. 13 once the mask loss is on
+      mask_start_fraction=0.75,        # paper_single recipe: mask loss starts after 30 of 40 epochs
+      mask_cost='l2',                  # Hungarian cost: 'l2' (official cdist) | 'neg_cos' (paper)
+      dice_norm='official',            # 'official' (sum_b / K) | 'mean'
+      cross_threshold=0.6,             # delta: relative threshold on the teacher's sigmoid
+      group_ratio=0.5,                 # r: gradient only through the r*K groups nearest the entity
+      matcher='dp',                    # 'dp' (exact, on device, K <= 10) | 'scipy' (host callback)
+      contrast_chunk=0,                # >0: compute InfoNCE in row chunks of this size (memory)
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=6.4e-4,                  # at global batch 4096; scaled by global_batch / 4096
+      warmup_lr=1.6e-5,
+      min_lr=1.6e-4,
+      warmup_epochs=2.0,
+      weight_decay=0.05,
+      b1=0.9, b2=0.999, eps=1e-8,
+      grad_clip_norm=5.0,
+      lr_scale_batch=4096,
+      frozen=(),                       # regexes of parameter paths that get no update
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      global_batch_size=4096,
+      total_epochs=30.0,
+      total_steps=0,                   # >0 overrides total_epochs
+      ema_momentum=0.99,
+      log_every_steps=50,
+      checkpoint_every_steps=1000,
+      keep_checkpoints=3,
+      init_from='',                    # Orbax dir from `convert dino|bert|official` or a stage-1 workdir
+      init_bert='',                    # Orbax dir from `convert bert`
+      init_teacher_from_student=True,  # stage 2: teacher <- stage-1 visual encoder
+      deterministic=False,             # no drop-path, dropout or Gumbel noise (parity tests)
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      dataset='cc4m',                  # tfds dataset name written by build_cc4m / data.synthetic
+      data_dir='',                     # the tfds data_dir holding it
+      image_size=224,
+      crop_scale=(0.4, 1.0),           # stage-2 RandomResizedCrop scale; stage 1 uses deit_aug
+      deit_aug=True,                   # stage-1 DeiT recipe: RandAugment + random erasing
+      entity_mode='official',
+      num_workers=8,
+      shuffle_seed=0,
+      prompt_template='A photo of {}',
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      short_side=448, window=448, stride=224, window_batch=4,
+      templates='simple',              # 'simple' ("a photo of a {}.") | 'imagenet80'
+      bg_threshold=0.95,
+      top_k=5,
+  ))
+
+  c.mesh = (('data', -1), ('fsdp', 1))  # axis name, size (-1: all remaining devices)
+  c.distributed = False                # call jax.distributed.initialize() (pods, SLURM)
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `configs/x.py:key=value,key2=value2` variant strings (big_vision style).
+
+  Only keys given in `defaults` are accepted, so a typo in a variant is an error, not a silent default.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    if '=' not in item:
+      raise ValueError(f'config variant {item!r} must look like key=value; known keys: {sorted(out)}')
+    key, value = item.split('=', 1)
+    if key not in out:
+      raise ValueError(f'unknown config variant key {key!r}; known keys: {sorted(out)}')
+    out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+  return ml_collections.ConfigDict(out)
+
+
+def apply_binding_mode(c: ml_collections.ConfigDict, mode: str) -> None:
+  """'official': 64 tokens -> token MLP -> 8 groups, Gumbel hard assignment in training.
+  'paper': K = 8 learnable tokens, no token MLP, soft assignment throughout (paper Eq. 3-6)."""
+  if mode == 'official':
+    c.model.binding.mode = 'official'
+    c.model.binding.assignment = 'gumbel_hard'
+  elif mode == 'paper':
+    c.model.binding.mode = 'paper'
+    c.model.binding.num_group_tokens = c.model.binding.num_output_groups
+    c.model.binding.assignment = 'soft'
+  else:
+    raise ValueError(f"binding={mode!r}: expected 'official' or 'paper'")
+
+
+def apply_stage(c: ml_collections.ConfigDict, stage: int) -> None:
+  """Stage 2 of the authors' recipe: mask loss on, text encoder frozen, stage-2 lr (official notes §3)."""
+  c.stage = stage
+  if stage == 2:
+    c.optim.base_lr, c.optim.warmup_lr, c.optim.min_lr = 1e-5, 4e-6, 1e-6
+    c.optim.warmup_epochs = 0.0
+    c.optim.frozen = ('text_encoder/.*',)
+    c.train.total_epochs = 10.0
+    c.train.global_batch_size = 1024
+    c.data.deit_aug = False
+  elif stage != 1:
+    raise ValueError(f'stage={stage}: expected 1 or 2')
