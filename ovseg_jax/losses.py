@@ -1,0 +1,371 @@
+"""Training losses of OVSegmentor (paper Sec. 3.2, Eq. 7-13), as pure functions of arrays.
+
+Everything here follows the official code where it differs from the paper (official notes §1.5-1.8); the
+paper variants are options (`cost='neg_cos'`, `dice_norm='mean'`). All losses are computed in float32.
+
+Sharding: the functions take the *global* batch (one logits matrix over all devices, as the official
+`dist_collect` all-gather does) and are meant to be called inside the sharded, jitted train step.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ovseg_jax import matching
+from ovseg_jax.resize import resize
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_NORM_EPS = 1e-12  # torch.nn.functional.normalize's default eps
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """x / max(||x||_2, 1e-12) along `axis`, exactly like torch `F.normalize`."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, _NORM_EPS)
+
+
+# --------------------------------------------------------------------------------------------- InfoNCE
+
+def _cross_entropy_rows(x: jax.Array, y: jax.Array, scale: jax.Array, chunk_size: int) -> jax.Array:
+  """mean_i [logsumexp_j(scale x_i.y_j) - scale x_i.y_i] for x, y [B, P] (labels = the diagonal).
+
+  chunk_size > 0 computes the [B, B] logits in row blocks of [chunk_size, B] with `lax.map`; each block is
+  wrapped in `jax.checkpoint`, so the backward pass recomputes it too and the peak logits memory is one block
+  in both passes instead of B^2 (B = global batch inside a sharded jit).
+  """
+  b = x.shape[0]
+  diag = scale * jnp.sum(x * y, axis=-1)  # [B]: the positive pairs, O(B P)
+  if chunk_size <= 0 or chunk_size >= b:
+    logits = scale * jnp.einsum('ip,jp->ij', x, y, precision=_HIGHEST)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - diag)
+
+  n_chunks = -(-b // chunk_size)
+  pad = n_chunks * chunk_size - b
+  # Zero rows pad the last block; their logsumexp is computed and then dropped (it is finite, so harmless).
+  xc = jnp.pad(x, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, x.shape[1])
+
+  @jax.checkpoint
+  def block_lse(rows):  # [chunk, P] -> [chunk]
+    return jax.nn.logsumexp(scale * jnp.einsum('ip,jp->ij', rows, y, precision=_HIGHEST), axis=-1)
+
+  lse = jax.lax.map(block_lse, xc).reshape(-1)[:b]
+  return jnp.mean(lse - diag)
+
+
+def contrastive_loss(a: jax.Array, b: jax.Array, logit_scale_exp: jax.Array,
+                     chunk_size: int = 0) -> jax.Array:
+  """Symmetric InfoNCE of the image-caption alignment (paper Eq. 7; official `loss`, notes §1.6).
+
+  With z^a = a / ||a||, z^b = b / ||b|| and s = logit_scale_exp (the clamped exp(logit_scale), notes §1.5),
+  logits_ij = s z^a_i . z^b_j and
+      L = 0.5 * (CE(logits, diag) + CE(logits^T, diag)),
+  each cross-entropy averaged over the B rows. B is the global batch: negatives are all other samples.
+
+  Args:
+    a: [B, P] image embeddings (not necessarily normalised).
+    b: [B, P] caption embeddings.
+    logit_scale_exp: scalar temperature multiplier s.
+    chunk_size: 0 builds the [B, B] logits at once; > 0 computes each cross-entropy in blocks of
+      [chunk_size, B] logits (rows for CE_a, then rows of the transposed problem for CE_b), recomputed in the
+      backward pass. Same value up to float rounding; twice the matmul FLOPs, peak memory O(chunk_size B).
+  Returns:
+    scalar loss.
+  """
+  a = l2_normalize(a.astype(jnp.float32))
+  b = l2_normalize(b.astype(jnp.float32))
+  s = jnp.asarray(logit_scale_exp, jnp.float32)
+  return 0.5 * (_cross_entropy_rows(a, b, s, chunk_size) + _cross_entropy_rows(b, a, s, chunk_size))
+
+
+def entity_loss(question_out: jax.Array, answer_x: jax.Array, logit_scale_exp: jax.Array,
+                chunk_size: int = 0) -> jax.Array:
+  """Masked-entity-completion loss (paper Eq. 8-9; official notes §1.7).
+
+  The same symmetric InfoNCE as `contrastive_loss`, with the same `logit_scale_exp`, between the decoder's
+  answer vector z^M (position 0 of the masked caption after the entity decoder, Eq. 8, bridge-projected) and
+  the prompted-entity embedding z^E (text_x of the answer "a photo of a {entities}").
+
+  Args:
+    question_out: [B, P] bridge_projector(decoder output at position 0).
+    answer_x: [B, P] projected [CLS] of the answer text.
+    logit_scale_exp: scalar temperature multiplier.
+    chunk_size: see `contrastive_loss`.
+  Returns:
+    scalar loss (Eq. 9).
+  """
+  return contrastive_loss(question_out, answer_x, logit_scale_exp, chunk_size)
+
+
+# --------------------------------------------------------------------------------------------- mask loss
+
+def mask_logits(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
+  """Raw group-patch affinity logits I^T G of Eq. 10 before the sigmoid (official `project_and_mask`).
+
+  Args:
+    q: [B, K, C] group queries (AssignAttention q_proj).
+    k: [B, L, C] patch keys (AssignAttention k_proj).
+    scale: multiplier; None = C^-0.5. The official code hard-codes 768^-0.5, which equals C^-0.5 for ViT-B;
+      pass scale=768**-0.5 to reproduce it exactly at another width (it moves the sigmoid threshold).
+  Returns:
+    [B, K, L] float32 logits.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  return scale * jnp.einsum('bkc,blc->bkl', q.astype(jnp.float32), k.astype(jnp.float32), precision=_HIGHEST)
+
+
+def upsample_masks(logits: jax.Array, grid: tuple[int, int],
+                   upsample_to: tuple[int, int] | None) -> jax.Array:
+  """Mask logits from the patch grid to pixels (official: F.interpolate bilinear, align_corners=True).
+
+  Kept as its own step so that it can be optimised alone. The Dice cannot simply move to patch resolution:
+  the min-max normalisation, the sigmoid threshold and the pixel counts act on the upsampled values, and
+  14 -> 224 with align_corners=True samples no interior patch centre exactly (13 and 223 are coprime), so
+  even the per-mask max differs. The matching cost is different: cosines of upsampled maps are bilinear
+  forms a^T (G_h (x) G_w) b with G = R^T R of the [224, 14] interpolation matrices, so they could be
+  computed exactly at 14 x 14 (not done: equal only up to float rounding, which can flip near-ties).
+
+  Args:
+    logits: [B, K, L] with L = h * w (row-major patches).
+    grid: (h, w).
+    upsample_to: (H, W) or None (stay at h x w).
+  Returns:
+    [B, K, H * W] float32.
+  """
+  h, w = grid
+  bsz, k, l = logits.shape
+  if h * w != l:
+    raise ValueError(f'grid {grid} does not match the {l} patches of the mask logits [B, K, L]={logits.shape}')
+  maps = logits.reshape(bsz, k, h, w)
+  if upsample_to is not None:
+    maps = resize(maps, tuple(upsample_to), 'bilinear', align_corners=True, spatial_axes=(-2, -1))
+  return maps.reshape(bsz, k, -1)
+
+
+def detached_groups(group_logits: jax.Array, group_ratio: float) -> jax.Array:
+  """Groups whose online masks receive no gradient (official group selection, notes §1.8 step 5).
+
+  The int(K * group_ratio) groups with the smallest entity similarity are detached (torch
+  `topk(largest=False)`); ties go to the lower index. The paper's r (Eq. 10 text) selects the K' = rK most
+  similar groups; both readings coincide at the official r = 0.5.
+
+  Args:
+    group_logits: [B, K] online group embeddings . entity embedding (unnormalised), no gradient.
+    group_ratio: r.
+  Returns:
+    bool [B, K], True = detached.
+  """
+  k = group_logits.shape[-1]
+  n = int(k * group_ratio)
+  if n <= 0:
+    return jnp.zeros(group_logits.shape, bool)
+  _, idx = jax.lax.top_k(-jax.lax.stop_gradient(group_logits), n)
+  return jnp.any(idx[..., :, None] == jnp.arange(k), axis=-2)
+
+
+def mask_matching_cost(online: jax.Array, teacher: jax.Array, cost: str = 'l2') -> jax.Array:
+  """Hungarian cost between per-mask L2-normalised maps (official HungarianMatcher; paper Eq. 11).
+
+  Args:
+    online: [B, K, N] online mask logits (flattened pixels).
+    teacher: [B, K, N] teacher mask logits.
+    cost: 'l2' = torch.cdist(p=2) of the normalised maps = sqrt(2 - 2 cos) (official);
+      'neg_cos' = -cos (paper Eq. 11). Their optimal permutations can differ.
+  Returns:
+    [B, K, K] cost, cost[b, i, j] between online mask i and teacher mask j (no gradient).
+  """
+  a = l2_normalize(jax.lax.stop_gradient(online))
+  b = l2_normalize(jax.lax.stop_gradient(teacher))
+  cos = jnp.einsum('bin,bjn->bij', a, b, precision=_HIGHEST)
+  if cost == 'neg_cos':
+    return -cos
+  if cost == 'l2':
+    # Squared distance via the norms (as torch.cdist's matmul path), clamped at 0 against rounding.
+    sq_a = jnp.sum(jnp.square(a), -1)[..., :, None]
+    sq_b = jnp.sum(jnp.square(b), -1)[..., None, :]
+    return jnp.sqrt(jnp.maximum(sq_a + sq_b - 2.0 * cos, 0.0))
+  raise ValueError(f"unknown mask matching cost {cost!r}; expected 'l2' (official) or 'neg_cos' (paper)")
+
+
+def _min_max(x: jax.Array) -> jax.Array:
+  """(x - min) / (max - min) over the last axis (official, no eps).
+
+  Guard: a constant map (max == min) divides by 1 instead of 0, giving 0 where the official code gives NaN.
+  Every map with max > min takes the official branch unchanged, so all finite results are identical.
+  """
+  lo = jnp.min(x, axis=-1, keepdims=True)
+  hi = jnp.max(x, axis=-1, keepdims=True)
+  span = hi - lo
+  return (x - lo) / jnp.where(span > 0, span, 1.0)
+
+
+def dice_per_sample(student: jax.Array, target: jax.Array) -> jax.Array:
+  """Dice loss per sample, pooled over all K masks and pixels (official `dice_loss`, paper Eq. 12's D).
+
+  dice_b = 1 - (2 sum s t + 1) / (sum s + sum t + 1), sums over K x N.
+
+  Args:
+    student: [B, K, N] in [0, 1].
+    target: [B, K, N] in {0, 1}.
+  Returns:
+    [B].
+  """
+  s = student.reshape(student.shape[0], -1)
+  t = target.reshape(target.shape[0], -1)
+  return 1.0 - (2.0 * jnp.sum(s * t, -1) + 1.0) / (jnp.sum(s, -1) + jnp.sum(t, -1) + 1.0)
+
+
+def _resolve_matcher(matcher: str | Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+  if callable(matcher):
+    return matcher
+  if matcher not in ('dp', 'scipy'):
+    raise ValueError(f"matcher={matcher!r}: expected 'dp', 'scipy' or a callable cost [B,K,K] -> cols [B,K]")
+  return functools.partial(matching.assign, method=matcher)
+
+
+def mask_loss_from_logits(online_logits: jax.Array, teacher_logits: jax.Array, grid: tuple[int, int],
+                          group_logits: jax.Array, *, upsample_to: tuple[int, int] | None = (224, 224),
+                          cost: str = 'l2', dice_norm: str = 'official', threshold: float = 0.6,
+                          group_ratio: float = 0.5, matcher: str | Callable = 'dp',
+                          per_device_batch: int | None = None) -> tuple[jax.Array, dict]:
+  """Cross-image mask consistency loss from raw mask logits (paper Eq. 10-12; official `mask_loss`).
+
+  Official recipe (notes §1.8 steps 4-6):
+    1. M1 = online logits, M2 = teacher logits (stop_gradient), bilinearly upsampled (align_corners=True).
+    2. The int(K * group_ratio) groups with the smallest `group_logits` get stop_gradient on their M1 maps;
+       all K masks still take part in the matching and in the loss value.
+    3. Matching (Eq. 11) on per-mask L2-normalised maps, `cost` = 'l2' (cdist) or 'neg_cos'; M2 is reordered
+       so that M1[i] faces M2[cols[i]].
+    4. Target = sigmoid(M2) >= threshold * max_pixels sigmoid(M2) (the binarised sg(m) of Eq. 12);
+       student = per-mask min-max normalised M1 (no sigmoid).
+    5. dice_b pooled over the K masks and pixels (`dice_per_sample`);
+       'official': sum_b dice_b / K over the per-device batch, i.e. mean_b(dice_b) * per_device_batch / K;
+       'mean': mean_b dice_b.
+
+  Data parallelism: the official loss is computed per GPU (sum over its batch / K) and DDP averages the
+  GPUs, which equals mean_b(dice_b) * per_device_batch / K over the global batch. Inside a global-batch
+  JAX step pass the official per-device batch as `per_device_batch` to reproduce that value (and scale);
+  None uses the batch B this function sees (= sum_b dice_b / K, the single-device official value).
+
+  Args:
+    online_logits: [B, K, L] online q . teacher k (of the cross image), L = h * w.
+    teacher_logits: [B, K, L] teacher q . teacher k.
+    grid: (h, w) patch grid.
+    group_logits: [B, K] similarity of each online group to the shared entity (no gradient).
+    upsample_to: (H, W) pixel size of the masks, or None for patch resolution.
+    cost, dice_norm, threshold, group_ratio: see above (config.loss.mask_cost, dice_norm, cross_threshold,
+      group_ratio).
+    matcher: 'dp' | 'scipy' (`matching.assign`), or a callable cost [B, K, K] -> cols [B, K] int32, e.g.
+      functools.partial(matching.assign_sharded, mesh=mesh, batch_axes='data') in a sharded step.
+    per_device_batch: see above; only used by dice_norm='official'.
+  Returns:
+    (loss scalar, aux) with aux = {'cols' [B, K] int32, 'detached' [B, K] bool, 'dice' [B],
+    'cost' [B, K, K], 'online_logits' [B, K, L], 'teacher_logits' [B, K, L]}.
+  """
+  if dice_norm not in ('official', 'mean'):
+    raise ValueError(f"dice_norm={dice_norm!r}: expected 'official' (sum_b / K) or 'mean'")
+  if cost not in ('l2', 'neg_cos'):
+    raise ValueError(f"unknown mask matching cost {cost!r}; expected 'l2' (official) or 'neg_cos' (paper)")
+  assign = _resolve_matcher(matcher)
+  online_logits = online_logits.astype(jnp.float32)
+  teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  bsz, k, _ = online_logits.shape
+
+  detached = detached_groups(group_logits, group_ratio)
+  # Detaching before the (linear) upsampling is the same as after it, on 256x fewer values.
+  m1 = jnp.where(detached[..., None], jax.lax.stop_gradient(online_logits), online_logits)
+  m1 = upsample_masks(m1, grid, upsample_to)                  # [B, K, N]
+  m2 = upsample_masks(teacher_logits, grid, upsample_to)      # [B, K, N]
+
+  cost_matrix = mask_matching_cost(m1, m2, cost)             # [B, K, K]
+  cols = assign(cost_matrix).astype(jnp.int32)
+  m2 = jnp.take_along_axis(m2, cols[..., None], axis=1)
+
+  p2 = jax.nn.sigmoid(m2)
+  target = (p2 >= threshold * jnp.max(p2, axis=-1, keepdims=True)).astype(jnp.float32)
+  dice = dice_per_sample(_min_max(m1), target)               # [B]
+
+  if dice_norm == 'official':
+    n = bsz if per_device_batch is None else per_device_batch
+    loss = jnp.mean(dice) * (n / k)
+  else:
+    loss = jnp.mean(dice)
+  aux = dict(cols=cols, detached=detached, dice=dice, cost=cost_matrix,
+             online_logits=online_logits, teacher_logits=teacher_logits)
+  return loss, aux
+
+
+def mask_consistency_loss(online_q: jax.Array, teacher_q: jax.Array, teacher_k: jax.Array,
+                          grid: tuple[int, int], group_logits: jax.Array, *,
+                          upsample_to: tuple[int, int] | None = (224, 224), cost: str = 'l2',
+                          dice_norm: str = 'official', threshold: float = 0.6, group_ratio: float = 0.5,
+                          matcher: str | Callable = 'dp', per_device_batch: int | None = None,
+                          logit_scale: float | None = None) -> tuple[jax.Array, dict]:
+  """Cross-image mask consistency loss (paper Eq. 10-12) from the online and EMA-teacher q / k.
+
+  M1 = online_q . teacher_k^T * C^-0.5 (online groups of I on the teacher patches of I'),
+  M2 = teacher_q . teacher_k^T * C^-0.5 (teacher groups of I' on its own patches); everything from the
+  teacher and `group_logits` is stop_gradient. Then `mask_loss_from_logits`.
+
+  Args:
+    online_q: [B, K, C] online AssignAttention q of image I.
+    teacher_q: [B, K, C] teacher q of the cross image I'.
+    teacher_k: [B, L, C] teacher k of I', L = h * w.
+    grid: (h, w).
+    group_logits: [B, K] online projected group embeddings . projected entity prompt (unnormalised).
+    logit_scale: see `mask_logits` (None = C^-0.5).
+    Others: see `mask_loss_from_logits`.
+  Returns:
+    (loss, aux) as `mask_loss_from_logits`.
+  """
+  teacher_q = jax.lax.stop_gradient(teacher_q)
+  teacher_k = jax.lax.stop_gradient(teacher_k)
+  online_logits = mask_logits(online_q, teacher_k, logit_scale)
+  teacher_logits = mask_logits(teacher_q, teacher_k, logit_scale)
+  return mask_loss_from_logits(
+      online_logits, teacher_logits, grid, group_logits, upsample_to=upsample_to, cost=cost,
+      dice_norm=dice_norm, threshold=threshold, group_ratio=group_ratio, matcher=matcher,
+      per_device_batch=per_device_batch)
+
+
+# --------------------------------------------------------------------------------------------- total
+
+def mask_loss_weight(step: jax.Array | int, total_steps: int, recipe: str, mask_weight: float,
+                     mask_start_fraction: float, stage: int = 1) -> jax.Array:
+  """lambda of Eq. 13 at `step`.
+
+  'paper_single' (paper Sec. 4.1): 0 while step < mask_start_fraction * total_steps, then mask_weight.
+  'two_stage' (official): mask_weight in stage 2, 0 in stage 1 (the caller passes its stage).
+
+  Args:
+    step: current optimizer step (int or traced scalar).
+    total_steps: steps of the run.
+    recipe: 'paper_single' | 'two_stage' (config.recipe).
+    mask_weight: config.loss.mask_weight.
+    mask_start_fraction: config.loss.mask_start_fraction.
+    stage: config.stage (two_stage only).
+  Returns:
+    float32 scalar.
+  """
+  if recipe == 'paper_single':
+    start = mask_start_fraction * total_steps
+    return jnp.where(jnp.asarray(step) >= start, jnp.float32(mask_weight), jnp.float32(0.0))
+  if recipe == 'two_stage':
+    if stage not in (1, 2):
+      raise ValueError(f'stage={stage}: expected 1 or 2')
+    return jnp.float32(mask_weight if stage == 2 else 0.0)
+  raise ValueError(f"recipe={recipe!r}: expected 'two_stage' or 'paper_single'")
+
+
+def total_loss(contrast: jax.Array, entity: jax.Array, mask: jax.Array | None, *,
+               entity_weight: float = 1.0, mask_lambda: jax.Array | float = 0.0) -> jax.Array:
+  """L_total = L_contrast + entity_weight * L_entity + lambda * L_mask (paper Eq. 13; official L705-710).
+
+  `mask=None` (no teacher in stage 1) drops the term; otherwise it is added as lambda * L_mask even when
+  lambda is 0 (so a NaN in L_mask is not hidden).
+  """
+  total = contrast + entity_weight * entity
+  if mask is not None:
+    total = total + mask_lambda * mask
+  return total
