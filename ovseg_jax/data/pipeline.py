@@ -1,0 +1,302 @@
+"""Training input pipeline: tfds array_record data source + grain, per host, checkpointable.
+
+  it = make_train_iterator(config)                       # jax.process_index()/process_count() by default
+  batch = next(it)                                       # dict of numpy arrays (DEVELOPERS.md)
+  state = it.get_state(); ...; it2 = make_train_iterator(config, start_state=state)   # exact resume
+
+Order of the example stream (all of it deterministic in config.data.shuffle_seed):
+  global stream position g = epoch * N + i  ->  example perm_epoch(i)   (grain `shuffle` after `repeat`: a
+  fresh global permutation every epoch; the authors never called `set_epoch`, notes §4.1, this port does)
+  -> augmentation rng = f(seed, g)  ->  host h takes positions g = h, h + P, h + 2P, ...  (P hosts)
+  -> grain worker processes (config.data.num_workers, 0 = in-process) -> batches of global_batch / P.
+So the P hosts together read every example exactly once per epoch, and an example's augmentation does not
+depend on the host or worker count. With W > 0 workers, worker w batches the host positions w, w + W, ...
+and the batches are interleaved round-robin, so batch composition depends on W (a saved state records W and
+refuses another value). Workers are spawned processes: the entry script needs `if __name__ == '__main__':`.
+
+Per example (paper Sec. 3.1.2, official notes §4.2-4.3): the augmented image; the caption; the masked
+caption g(T) (every entity -> [MASK]); the prompted entity sentence h(E) (random ImageNet template prefix
++ ' and '.join(entities)); a cross-image partner drawn uniformly from the examples sharing an entity e drawn
+uniformly from this example's entities (the entity -> example index written by the builder; it may be the
+example itself, as in the official pair construction), augmented with its own draws, and the prompt
+'A photo of {e}'. Entity mode 'fixed' pairs and prompts by canonical entity; 'official' by the raw surface
+word and uses the authors' masking quirks.
+
+A record that fails to read, decode or augment is skipped and counted (`it.counters['skipped_records']`);
+the batch is filled with the next records, so shapes never change and a run never stops on bad data. (Only
+when more than half of a process's records fail, which is a broken dataset or a bug, does it raise.)
+
+Batch (per host, b = global_batch / process_count, T = config.model.text.max_length, S = image_size):
+  image [b,S,S,3] f32, text_ids / text_mask [b,T] i32, question_ids / question_mask [b,T] i32,
+  answer_ids / answer_mask [b,T] i32, cross_image [b,S,S,3] f32, cross_entity_ids / cross_entity_mask [b,T].
+"""
+
+import json
+import logging
+import os
+import threading
+
+import grain
+import numpy as np
+
+from ovseg_jax.data import augment
+from ovseg_jax.data import entities as entities_lib
+from ovseg_jax.data import tfds_builder
+
+_MAX_LOGGED_ERRORS = 20
+_PARTNER_TRIES = 3
+# More bad records than this share (after _MIN_CALLS_FOR_RATIO) is a broken dataset or a bug, not bad data.
+_MAX_BAD_RATIO, _MIN_CALLS_FOR_RATIO = 0.5, 64
+
+
+def dataset_path(config) -> str:
+  """The tfds dataset directory of a config, with an actionable error when it is missing."""
+  d = config.data
+  path = tfds_builder.dataset_dir(d.data_dir, d.dataset)
+  if not os.path.exists(os.path.join(path, 'dataset_info.json')):
+    hint = ('python -m ovseg_jax.data.synthetic --output {} --split train --num_images 4000 --format tfds'
+            if d.dataset == 'synthetic_captions' else
+            'python -m ovseg_jax.data.build_cc4m --input CC12M_SHARDS --output {}').format(d.data_dir or '.')
+    raise FileNotFoundError(f'--config.data.data_dir={d.data_dir!r}: {path} does not exist; build it with '
+                            f'`{hint}`')
+  return path
+
+
+class ExampleTransform:
+  """Stream position's example id -> one training example (runs in grain worker processes).
+
+  Holds only paths and settings when pickled; the data source, entity index and tokenizer are opened lazily
+  in each process.
+  """
+
+  def __init__(self, *, path: str, split: str, image_size: int, crop_scale, deit_aug: bool, entity_mode: str,
+               vocab: dict, max_length: int, prompt_template: str = entities_lib.CROSS_PROMPT,
+               with_ids: bool = False):
+    self.path, self.split = path, split
+    self.image_size, self.crop_scale, self.deit_aug = int(image_size), tuple(crop_scale), bool(deit_aug)
+    self.entity_mode, self.vocab, self.max_length, self.with_ids = entity_mode, vocab, max_length, with_ids
+    self.prompt_template = prompt_template
+    self._source = self._index = self._tok = self._ex = None
+    self._errors = self._calls = 0
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    s = dict(self.__dict__)
+    s['_source'] = s['_index'] = s['_tok'] = s['_ex'] = s['_lock'] = None
+    return s
+
+  def __setstate__(self, s):
+    self.__dict__.update(s)
+    self._lock = threading.Lock()
+
+  def _open(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from ovseg_jax import tokenizer  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder_from_directory(self.path)
+    self._source = builder.as_data_source(self.split, decoders={'image': tfds.decode.SkipDecoding()})
+    kind = 'surface' if self.entity_mode == 'official' else 'canonical'
+    self._index = tfds_builder.load_entity_index(self.path, self.split, kind)
+    self._tok = tokenizer.get_tokenizer(max_length=self.max_length)
+    self._ex = entities_lib.get_extractor(entities_lib.Vocabulary.from_json(self.vocab), self.entity_mode)
+
+  def _read(self, idx: int):
+    rec = self._source[int(idx)]
+    caption = rec['caption'].decode('utf-8')
+    field = 'entities' if self.entity_mode == 'official' else 'canonical'
+    ents = [e.decode('utf-8') if isinstance(e, bytes) else str(e) for e in rec[field]]
+    return rec['image'], caption, ents
+
+  def _image(self, data, rng):
+    return augment.train_image(data, rng, self.image_size, deit=self.deit_aug, crop_scale=self.crop_scale)
+
+  def __call__(self, idx, rng: np.random.Generator):
+    if self._ex is None:
+      with self._lock:  # grain calls from several threads; open once (imports are not thread-safe)
+        if self._ex is None:
+          self._open()
+    self._calls += 1
+    try:
+      data, caption, ents = self._read(idx)
+      image = self._image(data, rng)
+      if not ents:
+        raise ValueError('record has no entity')
+      cross, entity, partner = None, None, -1
+      for _ in range(_PARTNER_TRIES):
+        entity = ents[int(rng.integers(len(ents)))]
+        cands = self._index.get(entity)
+        partner = int(cands[rng.integers(len(cands))]) if cands is not None and len(cands) else int(idx)
+        try:
+          cross = self._image(self._read(partner)[0], rng)
+          break
+        except Exception as e:  # pylint: disable=broad-except  (a bad partner: draw another)
+          self._log(partner, e)
+      if cross is None:
+        cross, partner = self._image(data, rng), int(idx)
+      question, masked = self._ex.mask(caption)
+      answer = self._ex.answer(masked, int(rng.integers(len(entities_lib.TEMPLATE_PREFIXES))))
+      ids, mask = self._tok([caption, question, answer, self.prompt_template.format(entity)])
+    except Exception as e:  # pylint: disable=broad-except  (skip and count any unreadable record)
+      self._log(idx, e)
+      return {'_bad': np.int64(idx)}
+    out = {'image': image, 'text_ids': ids[0], 'text_mask': mask[0], 'question_ids': ids[1],
+           'question_mask': mask[1], 'answer_ids': ids[2], 'answer_mask': mask[2], 'cross_image': cross,
+           'cross_entity_ids': ids[3], 'cross_entity_mask': mask[3]}
+    if self.with_ids:
+      out['example_id'], out['cross_example_id'] = np.int64(idx), np.int64(partner)
+    return out
+
+  def _log(self, idx, e):
+    self._errors += 1
+    if self._calls >= _MIN_CALLS_FOR_RATIO and self._errors > _MAX_BAD_RATIO * self._calls:
+      raise RuntimeError(f'{self._errors} of {self._calls} records of {self.path} failed; last: record '
+                         f'{idx}: {type(e).__name__}: {e}') from e
+    if self._errors <= _MAX_LOGGED_ERRORS:
+      logging.warning('skipping unreadable record %s of %s: %s: %s', idx, self.path, type(e).__name__, e)
+
+
+class _SkipBad(grain.IterDataset):
+  """Drops the records the transform marked bad; the count rides on the next good element."""
+
+  def __iter__(self):
+    return _SkipBadIterator(self._parent.__iter__())
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+
+  def __next__(self):
+    skipped = 0
+    while True:
+      x = next(self._parent)
+      if '_bad' in x:
+        skipped += 1
+        continue
+      x['_skipped'] = np.int32(skipped)
+      return x
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class TrainIterator:
+  """Infinite iterator of per-host batches with `get_state()` / `set_state()` (JSON-serialisable dicts).
+
+  Attributes: num_examples (N, one epoch), per_host_batch, steps_per_epoch (N // global_batch),
+  counters ({'batches', 'skipped_records'}).
+  """
+
+  def __init__(self, dataset, *, num_examples: int, per_host_batch: int, global_batch: int,
+               fingerprint: dict):
+    self._dataset = dataset
+    self._it = iter(dataset)
+    self.num_examples = num_examples
+    self.per_host_batch = per_host_batch
+    self.steps_per_epoch = num_examples // global_batch
+    self.counters = {'batches': 0, 'skipped_records': 0}
+    self._fingerprint = fingerprint
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    self.counters['skipped_records'] += int(np.sum(batch.pop('_skipped')))
+    self.counters['batches'] += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {'grain': self._it.get_state(), 'counters': dict(self.counters), 'fingerprint': self._fingerprint}
+
+  def set_state(self, state: dict) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    if state.get('fingerprint') != self._fingerprint:
+      raise ValueError(f'iterator state was saved for {state.get("fingerprint")}, this pipeline is '
+                       f'{self._fingerprint}; resume with the same data config, host and worker counts')
+    self._it.set_state(state['grain'])
+    self.counters = dict(state['counters'])
+
+  def close(self) -> None:
+    close = getattr(self._it, 'close', None)
+    if close is not None:
+      close()
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  """In each grain worker: the tokenizer needs no deep-learning framework; skipping transformers' torch /
+  flax probing saves ~4 s of start-up per worker."""
+  del worker_index, worker_count
+  for var in ('USE_TORCH', 'USE_TF', 'USE_FLAX', 'USE_JAX'):
+    os.environ.setdefault(var, '0')
+  os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+
+
+def _ensure_absl_flags_parsed():
+  """grain's worker processes read absl flags; a library caller may not have parsed them."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_iterator(config, *, process_index: int | None = None, process_count: int | None = None,
+                        start_state: dict | None = None, with_ids: bool = False) -> TrainIterator:
+  """Per-host training batches for `config` (see the module docstring).
+
+  config keys used: data.{data_dir, dataset, split, image_size, crop_scale, deit_aug, entity_mode,
+  num_workers, read_threads, shuffle_seed, prompt_template}, model.text.max_length, train.global_batch_size.
+  with_ids: add `example_id` / `cross_example_id` int64 [b] (tests and debugging).
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
+  d = config.data
+  global_batch = int(config.train.global_batch_size)
+  if global_batch % process_count:
+    raise ValueError(f'--config.train.global_batch_size={global_batch} is not divisible by the '
+                     f'{process_count} hosts')
+  per_host = global_batch // process_count
+  path = dataset_path(config)
+  split = d.get('split', 'train')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = tfds.builder_from_directory(path).info
+  if split not in info.splits:
+    raise ValueError(f'--config.data.split={split!r}: {path} has splits {sorted(info.splits)}')
+  n = info.splits[split].num_examples
+  if n < global_batch:
+    raise ValueError(f'{path} split {split!r} has {n} examples, fewer than one global batch ({global_batch})')
+  meta = tfds_builder.read_meta(path)
+  vocab = meta.get('vocab') or entities_lib.get_vocabulary(
+      'synthetic' if d.dataset == 'synthetic_captions' else 'cc4m').to_json()
+  transform = ExampleTransform(path=path, split=split, image_size=d.image_size, crop_scale=d.crop_scale,
+                               deit_aug=d.deit_aug, entity_mode=d.entity_mode, vocab=vocab,
+                               max_length=config.model.text.max_length,
+                               prompt_template=d.get('prompt_template', entities_lib.CROSS_PROMPT),
+                               with_ids=with_ids)
+  seed = int(d.shuffle_seed)
+  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
+  ds = ds.random_map(transform, seed=seed + 1)
+  ds = ds[process_index::process_count]
+  threads = int(d.get('read_threads', 2))
+  # a small read-ahead keeps the threads busy; elements are ~1.2 MB at 224 px, so not a whole batch's worth
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(8, 8 * threads)))
+  ds = _SkipBad(ds).batch(per_host, drop_remainder=True)
+  workers = int(d.num_workers)
+  if workers > 0:
+    _ensure_absl_flags_parsed()
+    # each worker assembles whole per-host batches (b x 2 x 0.6 MB at 224 px), so one queued batch each:
+    # with W workers, W batches are in flight, which is enough read-ahead and bounds host memory
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1),
+                        worker_init_fn=_worker_init)
+  fingerprint = {'path': os.path.abspath(path), 'split': split, 'num_examples': n, 'seed': seed,
+                 'process_index': process_index, 'process_count': process_count, 'per_host_batch': per_host,
+                 'num_workers': workers}
+  it = TrainIterator(ds, num_examples=n, per_host_batch=per_host, global_batch=global_batch,
+                     fingerprint=fingerprint)
+  if start_state is not None:
+    it.set_state(start_state)
+  return it
