@@ -1,0 +1,452 @@
+"""Zero-shot semantic segmentation with a trained OVSegmentor (paper Eq. 1, official notes §2).
+
+The pipeline is the authors' (GroupViT's `GroupViTSegInference` inside mmseg 0.18 slide inference):
+
+  1. Resize the image so its short side is 448 (mmcv `imrescale` rule with scale (2048, 448)), bilinear with
+     half-pixel centres and no antialiasing on the float values, then normalise with the ImageNet mean/std.
+  2. Cut 448 x 448 windows with stride 224 (mmseg grid arithmetic, windows clamped to the image).
+  3. Per window, Eq. 1: with A the soft pixel->group assignment [K, h*w] upsampled bilinearly to the window,
+     Z_g the L2-normalised projected group tokens [K, P], z the L2-normalised projected image embedding [P],
+     T the L2-normalised class embeddings [N, P] and s = logit_scale_exp (clamped at 100):
+
+         g(x)   = argmax_k A[k, x]                                   (hard pixel -> group)
+         P_pre  = softmax_N(s Z_g T^T)                               [K, N]
+         keep   = top-5 classes of softmax_N(s z T^T)                (image-level filter)
+         P      = softmax_{N, kept only}(s Z_g T^T) * P_pre          [K, N]
+         logit[c, x] = P[g(x), c]
+
+     With a background class, the background logit is 1 where max_c logit[c, x] < min(threshold, max P)
+     and 0 elsewhere, and it is channel 0.
+  4. Window logits are summed into the resized image and divided by the per-pixel window count, resized
+     bilinearly (align_corners=False, no antialias) to the original size, and softmaxed over classes.
+
+Class embeddings are the mean over prompt templates of the projected [CLS] embeddings, then L2-normalised.
+The window step is one jitted function, compiled once per (model, window shape, batch size, number of
+classes); windows of an image run in batches of `eval.window_batch` (the rest in power-of-two batches).
+This module imports no optimizer and no trainer.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ovseg_jax import checkpoint
+from ovseg_jax import resize as resize_lib
+from ovseg_jax import tokenizer as tokenizer_lib
+from ovseg_jax.models.ovsegmentor import OVSegmentor
+
+MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+STD = np.array([58.395, 57.12, 57.375], np.float32)
+BACKGROUND = 'background'
+
+# The authors' segmentation prompt (`template: simple`).
+SIMPLE_TEMPLATES = ('a photo of a {}.',)
+# The 80 ImageNet prompt templates of CLIP (GroupViT's `full_imagenet_templates`, in that order).
+IMAGENET80_TEMPLATES = (
+    'a bad photo of a {}.', 'a photo of many {}.', 'a sculpture of a {}.', 'a photo of the hard to see {}.',
+    'a low resolution photo of the {}.', 'a rendering of a {}.', 'graffiti of a {}.', 'a bad photo of the {}.',
+    'a cropped photo of the {}.', 'a tattoo of a {}.', 'the embroidered {}.', 'a photo of a hard to see {}.',
+    'a bright photo of a {}.', 'a photo of a clean {}.', 'a photo of a dirty {}.', 'a dark photo of the {}.',
+    'a drawing of a {}.', 'a photo of my {}.', 'the plastic {}.', 'a photo of the cool {}.',
+    'a close-up photo of a {}.', 'a black and white photo of the {}.', 'a painting of the {}.',
+    'a painting of a {}.', 'a pixelated photo of the {}.', 'a sculpture of the {}.', 'a bright photo of the {}.',
+    'a cropped photo of a {}.', 'a plastic {}.', 'a photo of the dirty {}.', 'a jpeg corrupted photo of a {}.',
+    'a blurry photo of the {}.', 'a photo of the {}.', 'a good photo of the {}.', 'a rendering of the {}.',
+    'a {} in a video game.', 'a photo of one {}.', 'a doodle of a {}.', 'a close-up photo of the {}.',
+    'a photo of a {}.', 'the origami {}.', 'the {} in a video game.', 'a sketch of a {}.', 'a doodle of the {}.',
+    'a origami {}.', 'a low resolution photo of a {}.', 'the toy {}.', 'a rendition of the {}.',
+    'a photo of the clean {}.', 'a photo of a large {}.', 'a rendition of a {}.', 'a photo of a nice {}.',
+    'a photo of a weird {}.', 'a blurry photo of a {}.', 'a cartoon {}.', 'art of a {}.', 'a sketch of the {}.',
+    'a embroidered {}.', 'a pixelated photo of a {}.', 'itap of the {}.', 'a jpeg corrupted photo of the {}.',
+    'a good photo of a {}.', 'a plushie {}.', 'a photo of the nice {}.', 'a photo of the small {}.',
+    'a photo of the weird {}.', 'the cartoon {}.', 'art of the {}.', 'a drawing of the {}.',
+    'a photo of the large {}.', 'a black and white photo of a {}.', 'the plushie {}.', 'a dark photo of a {}.',
+    'itap of a {}.', 'graffiti of the {}.', 'a toy {}.', 'itap of my {}.', 'a photo of a cool {}.',
+    'a photo of a small {}.', 'a tattoo of the {}.',
+)
+TEMPLATES = {'simple': SIMPLE_TEMPLATES, 'imagenet80': IMAGENET80_TEMPLATES}
+
+_TEXT_CHUNK = 256  # prompts per BERT call when building class embeddings (bounds memory for 80 templates)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pre-processing and tiling (NumPy; shapes differ per image, so nothing here is compiled).
+# ------------------------------------------------------------------------------------------------------------
+
+def rescale_size(h: int, w: int, short_side: int = 448, long_side: int = 2048) -> tuple[int, int]:
+  """mmcv `imrescale` size rule for scale (long_side, short_side) -> (new_h, new_w).
+
+  f = min(long_side / max(h, w), short_side / min(h, w)); new size = int(x * f + 0.5) per side.
+  """
+  f = min(long_side / max(h, w), short_side / min(h, w))
+  return int(h * f + 0.5), int(w * f + 0.5)
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_taps_f32(in_size: int, out_size: int):
+  """Torch's CPU bilinear taps (align_corners=False) along one axis: (i0, i1 int64 [out], w0, w1 float32 [out]).
+
+  Computed in float32 as torch does: src = max(fma(in/out, dst + 0.5, -0.5), 0), i0 = floor(src),
+  w1 = src - i0, w0 = 1 - w1. `resize.interpolation_matrix` holds the same weights computed in float64; for
+  ratios like 451/673 the float32 source coordinate differs by up to ~3e-5 pixel, which moves resized uint8
+  values by up to ~3e-3. With torch's rounding (its compiled kernel fuses the multiply-add; emulated here in
+  float64, exact for float32 operands) the resize agrees with torch to float32 rounding.
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+  src = (np.float64(scale) * dst.astype(np.float64) - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0))
+  i0 = np.minimum(src.astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+  return i0, i1, np.float32(1) - w1, w1
+
+
+def _lerp(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+  i0, i1, w0, w1 = bilinear_taps_f32(x.shape[axis], out_size)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  return np.take(x, i0, axis) * w0.reshape(shape) + np.take(x, i1, axis) * w1.reshape(shape)
+
+
+def resize_hw(x: np.ndarray, out_hw: tuple[int, int], axes: tuple[int, int]) -> np.ndarray:
+  """float32 torch-exact bilinear resize (align_corners=False, no antialias) of two axes of a NumPy array.
+
+  Two taps per output pixel (O(output), not a dense [out, in] matmul), width first, then height: torch's
+  order, out = w0_h (w0_w x00 + w1_w x01) + w1_h (w0_w x10 + w1_w x11).
+  """
+  x = np.asarray(x, np.float32)
+  ha, wa = (a % x.ndim for a in axes)
+  if (x.shape[ha], x.shape[wa]) == tuple(out_hw):
+    return x
+  return _lerp(_lerp(x, wa, out_hw[1]), ha, out_hw[0])
+
+
+def preprocess(image: np.ndarray, short_side: int = 448, long_side: int = 2048) -> np.ndarray:
+  """uint8 RGB [H, W, 3] -> normalised float32 [h, w, 3] at the mmcv-rescaled size (step 1 above).
+
+  The resize runs on the float values and is not re-quantised to uint8 (the golden reference does the same).
+  """
+  h, w = image.shape[:2]
+  x = resize_hw(image.astype(np.float32), rescale_size(h, w, short_side, long_side), axes=(0, 1))
+  return (x - MEAN) / STD
+
+
+def slide_windows(h: int, w: int, window: int, stride: int) -> np.ndarray:
+  """mmseg slide-inference windows of an [h, w] image -> int64 [n, 4] rows (y1, y2, x1, x2).
+
+  Rows outer, columns inner. Grid: n_h = max(h - window + stride - 1, 0) // stride + 1 (same for w); the
+  window (i * stride, j * stride) is clamped to end inside the image and then moved back to keep its size,
+  so every window is min(window, h) x min(window, w).
+  """
+  n_h = max(h - window + stride - 1, 0) // stride + 1
+  n_w = max(w - window + stride - 1, 0) // stride + 1
+  out = []
+  for i in range(n_h):
+    for j in range(n_w):
+      y2, x2 = min(i * stride + window, h), min(j * stride + window, w)
+      out.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
+  return np.asarray(out, np.int64).reshape(-1, 4)
+
+
+def slide_inference(x: np.ndarray, window_fn, window: int, stride: int, window_batch: int) -> np.ndarray:
+  """Averages per-window logits over the overlapping windows (step 4 above, before the resize).
+
+  Args:
+    x: float32 [h, w, 3] pre-processed image.
+    window_fn: crops float32 [b, wh, ww, 3] -> logits [b, C, wh, ww] (b <= window_batch).
+  Returns:
+    float32 [C, h, w] = sum over windows of the window logits / number of windows covering the pixel.
+  """
+  h, w = x.shape[:2]
+  wins = slide_windows(h, w, window, stride)
+  preds, count = None, np.zeros((h, w), np.float32)
+  for start in range(0, len(wins), window_batch):
+    chunk = wins[start:start + window_batch]
+    crops = np.stack([x[y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+    logits = np.asarray(window_fn(crops), np.float32)
+    if preds is None:
+      preds = np.zeros((logits.shape[1], h, w), np.float32)
+    for (y1, y2, x1, x2), lg in zip(chunk, logits):
+      preds[:, y1:y2, x1:x2] += lg
+      count[y1:y2, x1:x2] += 1
+  return preds / count
+
+
+def scores_from_logits(logits: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """float32 [C, h, w] averaged logits -> softmax_C of their bilinear resize to out_hw: [C, H, W]."""
+  z = resize_hw(logits, out_hw, axes=(1, 2))
+  z = np.exp(z - z.max(axis=0, keepdims=True))
+  return (z / z.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Eq. 1 as pure functions of arrays (jit-friendly).
+# ------------------------------------------------------------------------------------------------------------
+
+def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+  """x / max(||x||_2, eps) over the last axis (torch `F.normalize`)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def group_class_affinity(image_feat: jnp.ndarray, image_x: jnp.ndarray, text_emb: jnp.ndarray,
+                         scale: jnp.ndarray, top_k: int = 5) -> jnp.ndarray:
+  """Group -> class probabilities of Eq. 1 with the authors' image-level top-k filter.
+
+  Args:
+    image_feat: [B, K, P] projected group tokens (not normalised).
+    image_x: [B, P] projected image embedding (not normalised).
+    text_emb: [N, P] L2-normalised class embeddings.
+    scale: scalar logit scale exp(t), already clamped.
+    top_k: classes kept per image (min(top_k, N)).
+  Returns:
+    P [B, K, N] = softmax_N over the kept classes of (s Z_g T^T) * softmax_N(s Z_g T^T).
+  """
+  zg = l2_normalize(image_feat)
+  z = l2_normalize(image_x)
+  group_logits = jnp.einsum('bkp,np->bkn', zg, text_emb, precision='highest') * scale
+  pre = jax.nn.softmax(group_logits, axis=-1)
+  image_prob = jax.nn.softmax(jnp.einsum('bp,np->bn', z, text_emb, precision='highest') * scale, axis=-1)
+  n = text_emb.shape[0]
+  _, top = jax.lax.top_k(image_prob, min(top_k, n))                   # [B, k]
+  keep = jax.nn.one_hot(top, n, dtype=jnp.int32).sum(axis=1) > 0       # [B, N]
+  masked = jnp.where(keep[:, None, :], group_logits, -jnp.inf)
+  return jax.nn.softmax(masked, axis=-1) * pre
+
+
+def eq1_logits(soft: jnp.ndarray, grid: tuple[int, int], image_feat: jnp.ndarray, image_x: jnp.ndarray,
+               text_emb: jnp.ndarray, scale: jnp.ndarray, out_hw: tuple[int, int], *, top_k: int = 5,
+               bg_threshold=None) -> jnp.ndarray:
+  """Per-window class logits of Eq. 1 (GroupViT `encode_decode`).
+
+  Args:
+    soft: [B, K, L] soft pixel->group assignment (softmax over K), L = h * w patches row-major.
+    grid: (h, w) patch grid.
+    image_feat, image_x, text_emb, scale, top_k: see `group_class_affinity`.
+    out_hw: (H, W) window size in pixels; the soft maps are upsampled bilinearly (align_corners=False).
+    bg_threshold: None (no background channel) or the background threshold (a float or traced scalar).
+  Returns:
+    [B, C, H, W] logits, C = N (+1 with the background first): logit[c, x] = P[argmax_k A[k, x], c];
+    background = 1 where max_c logit[c, x] < min(bg_threshold, max P), else 0.
+  """
+  b, k, _ = soft.shape
+  maps = resize_lib.resize(soft.reshape(b, k, *grid), out_hw, 'bilinear', align_corners=False,
+                           spatial_axes=(-2, -1))                     # [B, K, H, W]
+  group = jnp.argmax(maps, axis=1)                                    # [B, H, W]
+  p = group_class_affinity(image_feat, image_x, text_emb, scale, top_k)  # [B, K, N]
+  fg = jnp.moveaxis(p[jnp.arange(b)[:, None, None], group], -1, 1)   # [B, N, H, W]
+  if bg_threshold is None:
+    return fg
+  thr = jnp.minimum(bg_threshold, p.max(axis=(1, 2)))                 # [B]
+  bg = (fg.max(axis=1) < thr[:, None, None]).astype(fg.dtype)         # [B, H, W]
+  return jnp.concatenate([bg[:, None], fg], axis=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Segmenter.
+# ------------------------------------------------------------------------------------------------------------
+
+def default_eval_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.eval` defaults of configs/common.py with keyword overrides (unknown keys are an error)."""
+  try:
+    from configs import common  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('the eval defaults live in configs/common.py: run from the repository root '
+                      '(or put it on PYTHONPATH)') from e
+  cfg = common.base_config().eval
+  for key, value in overrides.items():
+    if value is None:
+      continue
+    if key not in cfg:
+      raise ValueError(f'unknown eval option {key!r}; known: {sorted(cfg.keys())}')
+    cfg[key] = type(cfg[key])(value) if isinstance(cfg[key], (int, float)) and not isinstance(
+        cfg[key], bool) else value
+  return cfg
+
+
+def parse_eval_overrides(items) -> dict:
+  """['short_side=448', 'templates=imagenet80'] (the CLIs' --set) -> {key: value string}."""
+  out = {}
+  for item in items or ():
+    if '=' not in item:
+      raise ValueError(f'--set {item!r} must look like key=value')
+    key, value = item.split('=', 1)
+    out[key.strip()] = value.strip()
+  return out
+
+
+# (model, batch, h, w, C, with_bg) -> times the window step was traced. Each entry should stay at 1.
+WINDOW_TRACES = {}
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'top_k', 'with_bg'))
+def _window_step(variables, crops, text_emb, bg_threshold, *, model, top_k, with_bg):
+  """Eq. 1 on a batch of windows: crops [b, h, w, 3] -> logits [b, C, h, w].
+
+  Module-level with the (hashable) model as a static argument, so Segmenters of the same model config
+  share compilations.
+  """
+  key = (model, *crops.shape[:3], text_emb.shape[0] + int(with_bg), with_bg)
+  WINDOW_TRACES[key] = WINDOW_TRACES.get(key, 0) + 1
+  out = model.apply(variables, crops, train=False, method=OVSegmentor.encode_image)
+  scale = model.apply(variables, method=OVSegmentor.logit_scale_exp)
+  return eq1_logits(out['soft'], tuple(out['grid']), out['image_feat'], out['image_x'], text_emb, scale,
+                    crops.shape[1:3], top_k=top_k, bg_threshold=bg_threshold if with_bg else None)
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _text_step(variables, ids, mask, *, model):
+  """Projected [CLS] embeddings text_x [B, P] of token ids [B, T]."""
+  return model.apply(variables, ids, mask, train=False, method=OVSegmentor.encode_text)['text_x']
+
+
+def _bucket(n: int, cap: int) -> int:
+  """Smallest power of two >= n, capped at `cap` (bounds the number of compiled batch sizes)."""
+  return min(cap, 1 << max(n - 1, 0).bit_length())
+
+
+class Segmenter:
+  """Zero-shot segmentation of any image with any class names.
+
+  Example:
+    seg = Segmenter.from_checkpoint('runs/converted')          # inference checkpoint (checkpoint.py)
+    labels, scores = seg.segment(image, ['cat', 'dog', 'potted plant'])
+    # image uint8 [H, W, 3]; labels int32 [H, W] (0 = background, i = class_names[i - 1]);
+    # scores float32 [4, H, W] softmax over (background, cat, dog, potted plant)
+  """
+
+  def __init__(self, model_config, variables, eval_config=None):
+    """model_config: `config.model`; variables: {'params', 'batch_stats'} of OVSegmentor (NumPy or JAX);
+    eval_config: a `config.eval` ConfigDict, a dict of overrides of its defaults, or None for the defaults."""
+    self.model_config = ml_collections.ConfigDict(model_config)
+    self.model = OVSegmentor(config=ml_collections.FrozenConfigDict(self.model_config))
+    if eval_config is None or isinstance(eval_config, dict):
+      eval_config = default_eval_config(**(eval_config or {}))  # a plain dict holds overrides
+    self.eval_config = eval_config
+    if self.eval_config.templates not in TEMPLATES:
+      raise ValueError(f'eval.templates={self.eval_config.templates!r}: expected one of {sorted(TEMPLATES)}')
+    self.variables = jax.device_put(jax.tree.map(jnp.asarray, dict(variables)))
+    self.patch_size = int(self.model_config.vision.patch_size)
+    self.tokenizer = tokenizer_lib.get_tokenizer(max_length=int(self.model_config.text.max_length))
+    self._text_cache = {}
+
+  @classmethod
+  def from_checkpoint(cls, directory: str, **eval_overrides) -> 'Segmenter':
+    """Loads an inference checkpoint (`convert official` / `export`); overrides set `config.eval` keys."""
+    model_config, variables = checkpoint.load_inference(directory)
+    return cls(model_config, variables, default_eval_config(**eval_overrides))
+
+  # --- public API ----------------------------------------------------------------------------------------
+
+  def text_embedding(self, class_names) -> jnp.ndarray:
+    """[N, P] L2-normalised class embeddings (mean over templates of text_x), cached per vocabulary.
+
+    All prompts are tokenised together with padding to the longest, as the authors build them.
+    """
+    class_names = tuple(class_names)
+    key = (class_names, self.eval_config.templates)
+    if key in self._text_cache:
+      return self._text_cache[key]
+    templates = TEMPLATES[self.eval_config.templates]
+    prompts = [t.format(c) for c in class_names for t in templates]   # class-major, as the authors
+    ids, mask = self.tokenizer(prompts, padding='longest')
+    feats = []
+    for start in range(0, len(prompts), _TEXT_CHUNK):
+      ids_c, mask_c = ids[start:start + _TEXT_CHUNK], mask[start:start + _TEXT_CHUNK]
+      n = len(ids_c)
+      pad = _bucket(n, _TEXT_CHUNK) - n  # a few fixed batch sizes -> few compilations
+      if pad:
+        ids_c = np.concatenate([ids_c, np.repeat(ids_c[-1:], pad, 0)])
+        mask_c = np.concatenate([mask_c, np.repeat(mask_c[-1:], pad, 0)])
+      feats.append(np.asarray(_text_step(self.variables, ids_c, mask_c, model=self.model))[:n])
+    feats = np.concatenate(feats).reshape(len(class_names), len(templates), -1).mean(axis=1)
+    emb = l2_normalize(jnp.asarray(feats))
+    self._text_cache[key] = emb
+    return emb
+
+  def window_logits(self, crops: np.ndarray, text_emb, background: bool = True,
+                    background_threshold: float | None = None) -> np.ndarray:
+    """Eq. 1 on pre-processed windows: float32 [b, h, w, 3] -> [b, C, h, w] (background first if any).
+
+    Runs in batches of `eval.window_batch`; a shorter rest is split into power-of-two batches (3 = 2 + 1),
+    so nothing is padded and at most log2(window_batch) + 1 batch sizes are ever compiled.
+    """
+    thr = np.float32(self.eval_config.bg_threshold if background_threshold is None else background_threshold)
+    cap = max(1, int(self.eval_config.window_batch))
+    out, start = [], 0
+    while start < len(crops):
+      n = min(cap, 1 << ((len(crops) - start).bit_length() - 1))
+      chunk = np.asarray(crops[start:start + n], np.float32)
+      logits = _window_step(self.variables, chunk, text_emb, thr, model=self.model,
+                            top_k=int(self.eval_config.top_k), with_bg=bool(background))
+      out.append(np.asarray(logits))
+      start += n
+    return np.concatenate(out)
+
+  def check_size(self, h: int, w: int) -> tuple[int, int]:
+    """Raises a one-line ValueError for images smaller than one patch; returns the network input size."""
+    p = self.patch_size
+    if h < p or w < p:
+      raise ValueError(f'image {h}x{w} is smaller than one {p}x{p} patch')
+    nh, nw = rescale_size(h, w, int(self.eval_config.short_side), int(self.eval_config.long_side))
+    if nh < p or nw < p:
+      raise ValueError(f'image {h}x{w} becomes {nh}x{nw} at short side {self.eval_config.short_side}, '
+                       f'smaller than one {p}x{p} patch')
+    return nh, nw
+
+  def slide_logits(self, x: np.ndarray, text_emb, background: bool = True,
+                   background_threshold: float | None = None) -> np.ndarray:
+    """Window-averaged logits of a pre-processed image: float32 [h, w, 3] -> [C, h, w]."""
+    fn = functools.partial(self.window_logits, text_emb=text_emb, background=background,
+                           background_threshold=background_threshold)
+    return slide_inference(x, fn, int(self.eval_config.window), int(self.eval_config.stride),
+                           int(self.eval_config.window_batch))
+
+  def segment(self, image: np.ndarray, class_names, background: bool = True, *,
+              background_threshold: float | None = None):
+    """Segments one image.
+
+    Args:
+      image: uint8 [H, W, 3] RGB.
+      class_names: the N foreground class names (any strings; each is put into the prompt templates).
+      background: add a background class (channel 0) predicted by the threshold rule of Eq. 1.
+      background_threshold: overrides `eval.bg_threshold` (VOC 0.95, Context 0.35, COCO Object 0.9).
+    Returns:
+      labels int32 [H, W] (argmax of scores) and scores float32 [C, H, W], C = N (+1 with background
+      first), the softmax over classes of the window-averaged logits resized to H x W.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+      raise ValueError(f'expected a uint8 RGB image [H, W, 3]; got {image.dtype} {list(image.shape)}')
+    names = [class_names] if isinstance(class_names, str) else list(class_names)
+    if not names or any(not isinstance(c, str) or not c.strip() for c in names):
+      raise ValueError(f'class_names must be non-empty strings; got {names!r}')
+    if len(set(names)) != len(names):
+      raise ValueError(f'class_names has duplicates: {names!r}')
+    if background and any(c.strip().lower() == BACKGROUND for c in names):
+      raise ValueError("pass foreground names only: with background=True the 'background' class is added "
+                       'as channel 0 (it is never prompted)')
+    h, w = image.shape[:2]
+    self.check_size(h, w)
+    text_emb = self.text_embedding(names)
+    x = preprocess(image, int(self.eval_config.short_side), int(self.eval_config.long_side))
+    logits = self.slide_logits(x, text_emb, background, background_threshold)
+    scores = scores_from_logits(logits, (h, w))
+    return scores.argmax(axis=0).astype(np.int32), scores
+
+  @staticmethod
+  def class_list(class_names, background: bool = True) -> list[str]:
+    """Names of the score channels: ['background', *class_names] or class_names."""
+    names = [class_names] if isinstance(class_names, str) else list(class_names)
+    return [BACKGROUND, *names] if background else names
+
+
+def num_windows(h: int, w: int, eval_config) -> int:
+  """Windows the slide inference runs for an [h, w] input image (after the short-side resize)."""
+  nh, nw = rescale_size(h, w, int(eval_config.short_side), int(eval_config.long_side))
+  s, win = int(eval_config.stride), int(eval_config.window)
+  return (max(nh - win + s - 1, 0) // s + 1) * (max(nw - win + s - 1, 0) // s + 1)
+
