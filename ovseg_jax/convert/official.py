@@ -1,7 +1,8 @@
 """The authors' OVSegmentor checkpoint (`{'model': state_dict, 'config': DictConfig, ...}`) -> OVSegmentor
 variables {'params', 'batch_stats'} (+ the EMA teacher's img_encoder params from `img_encoder_momentum.*`).
 
-Key mapping (official notes §5; every rule is one line of `_MODULE_RENAMES` or `_leaf`):
+Key mapping (official notes §5; every rule is one line of `_MODULE_RENAMES` or `_WEIGHT_LAYOUTS`; the
+exporter, convert/official_export.py, walks the same tables backwards):
   img_encoder.patch_embed.proj.weight [C,3,p,p]  -> img_encoder/patch_embed/proj/kernel [p,p,3,C]
   img_encoder.pos_embed [L,C]                    -> img_encoder/pos_embed
   img_encoder.layers.0.group_token [1,K,C]       -> img_encoder/group_token [K,C]
@@ -57,24 +58,53 @@ _TOP_RENAMES = {'img_encoder': 'img_encoder', 'img_encoder_momentum': 'img_encod
                 'bridge_projector': 'bridge_projector', 'multimodal_groupingblock': 'decoder'}
 
 
+# The authors' `weight` tensors by rank: (our leaf, authors' -> ours, ours -> authors'). The one table for
+# both directions: `_leaf` (import) and `to_official` (export: convert/official_export.py) read it.
+_WEIGHT_LAYOUTS = {
+    1: ('scale', lambda w: w, lambda v: v),                                     # LayerNorm / BatchNorm affine
+    2: ('kernel', lambda w: w.T, lambda k: k.T),                                # Linear [out, in]
+    3: ('kernel', lambda w: w[:, :, 0].T, lambda k: k.T[:, :, None]),            # Conv1d k=1 [out, in, 1]
+    4: ('kernel', lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),  # Conv2d [out, in, kh, kw]
+}
+_BUFFERS = {'running_mean': 'mean', 'running_var': 'var'}  # BN buffers -> batch_stats leaves
+
+
+def _weight_layout(name: str, shape: tuple):
+  if name != 'weight' or len(shape) not in _WEIGHT_LAYOUTS or (len(shape) == 3 and shape[-1] != 1):
+    return None
+  return _WEIGHT_LAYOUTS[len(shape)]
+
+
 def _leaf(module_path: str, name: str, value: np.ndarray):
   """(collection, leaf name, converted value) for one torch tensor."""
-  if name == 'running_mean':
-    return 'batch_stats', 'mean', value
-  if name == 'running_var':
-    return 'batch_stats', 'var', value
-  if name == 'bias':
-    return 'params', 'bias', value
-  if name == 'weight':
-    if value.ndim == 1:
-      return 'params', 'scale', value                       # LayerNorm / BatchNorm affine
-    if value.ndim == 2:
-      return 'params', 'kernel', value.T                    # Linear [out, in]
-    if value.ndim == 3 and value.shape[-1] == 1:
-      return 'params', 'kernel', value[:, :, 0].T           # Conv1d k=1 [out, in, 1]
-    if value.ndim == 4:
-      return 'params', 'kernel', value.transpose(2, 3, 1, 0)  # Conv2d [out, in, kh, kw] -> [kh, kw, in, out]
-  return 'params', name, value
+  del module_path
+  if name in _BUFFERS:
+    return 'batch_stats', _BUFFERS[name], value
+  layout = _weight_layout(name, value.shape)
+  if layout is not None:
+    return 'params', layout[0], layout[1](value)
+  return 'params', name, value                              # bias, pos_embed, group_token, logit_scale
+
+
+def to_official(key: str, shape: tuple, value: np.ndarray) -> np.ndarray:
+  """Inverse of `target_of`'s value conversion: our variable -> the authors' tensor `key` of `shape`.
+
+  Transposes come from _WEIGHT_LAYOUTS; the only other change is group_token's leading 1 ([K,C] -> [1,K,C]).
+  """
+  shape = tuple(shape)
+  layout = _weight_layout(key.rpartition('.')[2], shape)
+  out = layout[2](value) if layout is not None else value
+  if out.shape != shape:
+    if layout is not None or out.ndim > len(shape) or shape[len(shape) - out.ndim:] != out.shape:
+      raise ValueError(f'{key}: a value of shape {tuple(value.shape)} does not give the authors\' {shape}')
+    out = out.reshape(shape)
+  return out
+
+
+def target_shape(key: str, shape: tuple):
+  """Authors' key (no text-encoder keys) and tensor shape -> (collection, path, our shape) or None."""
+  tgt = target_of(key, np.broadcast_to(np.zeros((), np.float32), tuple(shape)))  # a view: no memory
+  return None if tgt is None else (tgt[0], tgt[1], tuple(tgt[2].shape))
 
 
 def target_of(key: str, value: np.ndarray):
