@@ -63,6 +63,7 @@ def model_config(*, width: int, depth: int = 12, heads: int = 8, text_width: int
   m.temperature_init = 0.07            # logit_scale = log(1 / 0.07), learnable
   m.max_logit_scale = 100.0            # exp(logit_scale) is clamped here (official)
   m.dtype = 'float32'                  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+  m.remat = 'none'                     # ViT blocks / BERT layers: 'none' | 'full' | 'dots' (models/vit.py remat)
   return m
 
 
@@ -80,9 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
       mask_cost='l2',                  # Hungarian cost: 'l2' (official cdist) | 'neg_cos' (paper)
       dice_norm='official',            # 'official' (sum_b / K) | 'mean'
       cross_threshold=0.6,             # delta: relative threshold on the teacher's sigmoid
-      group_ratio=0.5,                 # r: gradient only through the r*K groups nearest the entity
+      group_ratio=0.5,                 # r: the int(r*K) groups LEAST similar to the entity are detached (official)
       matcher='dp',                    # 'dp' (exact, on device, K <= 10) | 'scipy' (host callback)
       contrast_chunk=0,                # >0: compute InfoNCE in row chunks of this size (memory)
+      dice_per_device_batch=128,       # dice_norm='official' = sum over this many samples / K (official
+                                       # stage-2 per-GPU batch); 0: the global batch. Mesh-independent.
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -90,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_lr=1.6e-5,
       min_lr=1.6e-4,
       warmup_epochs=2.0,
+      warmup_steps=-1,                 # >=0 overrides warmup_epochs
       weight_decay=0.05,
       b1=0.9, b2=0.999, eps=1e-8,
       grad_clip_norm=5.0,
@@ -109,6 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
       init_bert='',                    # Orbax dir from `convert bert`
       init_teacher_from_student=True,  # stage 2: teacher <- stage-1 visual encoder
       deterministic=False,             # no drop-path, dropout or Gumbel noise (parity tests)
+      # Official quirk (notes §1.3): the text projector also runs on every token of every text in train
+      # mode, so its BN running statistics mix [CLS] and (mostly padding) token statistics. False keeps
+      # the statistics on the [CLS] embeddings that inference actually projects.
+      text_bn_all_tokens=True,
+      peak_tflops_per_device=0.0,      # MFU denominator; 0: measure a float32 matmul peak at start-up
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -119,18 +128,25 @@ def base_config() -> ml_collections.ConfigDict:
       deit_aug=True,                   # stage-1 DeiT recipe: RandAugment + random erasing
       entity_mode='official',
       num_workers=8,
+      read_threads=2,                  # threads per grain worker (PIL decode releases the GIL)
+      split='train',                   # tfds split the trainer reads
       shuffle_seed=0,
       prompt_template='A photo of {}',
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
       short_side=448, window=448, stride=224, window_batch=4,
+      long_side=2048,                  # mmcv imrescale scale (2048, 448): the long side is capped here
       templates='simple',              # 'simple' ("a photo of a {}.") | 'imagenet80'
       bg_threshold=0.95,
       top_k=5,
   ))
 
   c.mesh = (('data', -1), ('fsdp', 1))  # axis name, size (-1: all remaining devices)
+  # Parameter / optimizer-state / EMA sharding (sharding.py): (regex on the '/'-joined path, rule), first
+  # match wins. 'fsdp': the largest weight axis divisible by the fsdp mesh size is split over 'fsdp';
+  # 'replicate': a full copy on every device. Arrays under fsdp_min_size elements are always replicated.
+  c.sharding = ml_collections.ConfigDict(dict(rules=(('.*', 'fsdp'),), fsdp_min_size=2 ** 14))
   c.distributed = False                # call jax.distributed.initialize() (pods, SLURM)
   return c
 

@@ -27,6 +27,7 @@ def get_config(arg=None):
   c.model.vision.drop_path_rate = 0.0
   c.model.text.dropout = 0.0
   c.model.text.max_length = 24
+  c.train.text_bn_all_tokens = False  # BN stats on the [CLS] embeddings inference uses (README: quirks)
   common.apply_binding_mode(c, arg.binding)
 
   if arg.ablation not in _ABLATIONS:

@@ -50,6 +50,15 @@ def load_model_config(directory: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def load_meta(directory: str) -> dict:
+  """DIR/meta.json of an inference checkpoint ({} when absent); `eval` holds the exporter's eval settings."""
+  path = os.path.join(directory, META)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def load_inference(directory: str):
   """Reads an inference checkpoint -> (model_config ConfigDict, variables dict of numpy arrays)."""
   directory = directory if _is_remote(directory) else os.path.abspath(directory)
@@ -60,3 +69,98 @@ def load_inference(directory: str):
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(var_dir)
   return model_config, variables
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training checkpoints (Orbax CheckpointManager).
+# ----------------------------------------------------------------------------------------------------------
+# A training workdir holds WORKDIR/config.json and WORKDIR/checkpoints/<step>/ with three items:
+#   state      the train-state dict (train_step.py), saved from its sharded arrays (every host its shards)
+#   data_iter  JSON state of the input iterator, so a resumed run continues with the next batch
+#   meta       JSON: step, base rng key data, wall time, config digest
+# Saves are asynchronous (the step loop continues while Orbax writes); the manager keeps the latest
+# `keep` checkpoints (preservation policy LatestN).
+CHECKPOINTS = 'checkpoints'
+
+
+class TrainCheckpointer:
+  """Orbax CheckpointManager for the train state + data-iterator state + meta.
+
+  Example:
+    ckpt = TrainCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=1000, keep=3)
+    if ckpt.latest_step() is not None:
+      state, data_state, meta = ckpt.restore(abstract_state_with_shardings)
+    ckpt.save(step, state, data_state, meta)          # no-op unless step % save_every == 0 (or force)
+    ckpt.close()                                      # waits for the async writes
+  """
+
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    directory = directory if _is_remote(directory) else os.path.abspath(directory)
+    self.directory = directory
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.FixedIntervalPolicy(max(int(save_every), 1)),
+        preservation_policy=policies.LatestN(n=int(keep) if keep > 0 else None),
+        enable_async_checkpointing=async_save,
+        create=True)
+    self.manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'data_iter', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_state: dict | None = None, meta: dict | None = None,
+           force: bool = False) -> bool:
+    """Starts an (async) save of `state` at `step` when the policy says so or `force`; -> saved?"""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=ocp.args.JsonSave(data_state or {}),
+        meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
+    return self.manager.save(int(step), args=args, force=force)
+
+  def restore(self, abstract_state, step: int | None = None):
+    """-> (state, data_state, meta) of `step` (default latest).
+
+    `abstract_state` is a tree of `jax.ShapeDtypeStruct`s carrying the *target* shardings (e.g.
+    `sharding.with_shardings(jax.eval_shape(...), shardings)`), so the arrays are read straight into the
+    current mesh, whatever mesh wrote them.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no training checkpoint in {self.directory}')
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_iter=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return out['state'], out['data_iter'], out['meta']
+
+  def restore_data_state(self, step: int | None = None) -> dict:
+    """Only the data-iterator state of `step` (the input is opened before the train state is built)."""
+    step = self.latest_step() if step is None else step
+    out = self.manager.restore(step, args=ocp.args.Composite(data_iter=ocp.args.JsonRestore()))
+    return out['data_iter']
+
+  def restore_params(self, step: int | None = None) -> dict:
+    """The raw saved state tree (numpy, host memory) without a target: for init_from and export."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no training checkpoint in {self.directory}')
+    path = os.path.join(self.directory, str(step), 'state')
+    with ocp.PyTreeCheckpointer() as ckptr:
+      meta = ckptr.metadata(path)
+      tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      return ckptr.restore(path, restore_args=restore_args)
+
+  def wait_until_finished(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def train_checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINTS)

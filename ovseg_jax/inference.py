@@ -335,9 +335,14 @@ class Segmenter:
 
   @classmethod
   def from_checkpoint(cls, directory: str, **eval_overrides) -> 'Segmenter':
-    """Loads an inference checkpoint (`convert official` / `export`); overrides set `config.eval` keys."""
+    """Loads an inference checkpoint (`convert official` / `export`); overrides set `config.eval` keys.
+
+    Eval settings resolve as: configs/common.py defaults < the `eval` block the checkpoint was exported with
+    (e.g. tiny's 128 px windows; see `export.py`) < `eval_overrides`.
+    """
     model_config, variables = checkpoint.load_inference(directory)
-    return cls(model_config, variables, default_eval_config(**eval_overrides))
+    saved = checkpoint.load_meta(directory).get('eval') or {}
+    return cls(model_config, variables, default_eval_config(**{**saved, **eval_overrides}))
 
   # --- public API ----------------------------------------------------------------------------------------
 
