@@ -6,7 +6,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=48:00:00
 #SBATCH --output=slurm-%x-%j.out
-# One JAX process per GPU on SLURM (docs/launch.md). Submit it with sbatch, or run it with bash and it submits
+# One JAX process per GPU on SLURM (README.md (section "Launching")). Submit it with sbatch, or run it with bash and it submits
 # itself. Inside the job, `srun` starts SLURM_NTASKS processes; jax.distributed.initialize() (called by the
 # trainer for --config.distributed=True) reads SLURM_PROCID / SLURM_NTASKS / SLURM_STEP_NODELIST / SLURM_LOCALID,
 # puts the coordinator on the first node, and lets local task i drive GPU i of its node.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains ovseg_jax on a Cloud TPU VM pod slice: create or reuse the slice, ship the code to every worker,
-# install jax[tpu]==0.10.2 + requirements there, then run the trainer on all workers at once (docs/launch.md).
+# install jax[tpu]==0.10.2 + requirements + gcsfs there, then run the trainer on all workers at once (README.md (section "Launching")).
 set -euo pipefail
 
 usage() {
@@ -8,7 +8,7 @@ usage() {
 Usage: launch/tpu_pod.sh [options] [-- extra train flags]
 
 Creates (or reuses) a TPU VM slice, copies this checkout to every worker, installs the pinned stack with
-jax[tpu]==0.10.2, and runs `python -m ovseg_jax.train` on all workers (--worker=all).
+jax[tpu]==0.10.2 and gcsfs (gs:// workdir), and runs `python -m ovseg_jax.train` on all workers (--worker=all).
 
 Options (environment variable in brackets):
   --project P        GCP project [TPU_PROJECT]; default: gcloud's configured project
@@ -148,8 +148,8 @@ else
 fi
 
 if [ "$SKIP_SETUP" = 0 ]; then
-  echo "# 3. environment on every worker: Python 3.11 (jax 0.10 needs >= 3.11), requirements, jax[tpu]==0.10.2"
-  on_all_workers "cd $REMOTE_DIR && (command -v python3.11 >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv)) && bash launch/setup_venv.sh run && .venv/bin/pip install -q 'jax[tpu]==0.10.2'"
+  echo "# 3. environment on every worker: Python 3.11 (jax 0.10 needs >= 3.11), requirements, jax[tpu]==0.10.2, gcsfs (gs:// workdir)"
+  on_all_workers "cd $REMOTE_DIR && (command -v python3.11 >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv)) && bash launch/setup_venv.sh run && .venv/bin/pip install -q 'jax[tpu]==0.10.2' gcsfs==2026.10.1"
   echo "# 4. check: every worker sees the whole slice"
   on_all_workers "cd $REMOTE_DIR && .venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].device_kind)'"
 fi

@@ -9,66 +9,66 @@ An inference checkpoint is a folder:
 """
 
 import json
-import os
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ovseg_jax import fileio
 
 MODEL_CONFIG = 'model_config.json'
 VARIABLES = 'variables'
 META = 'meta.json'
 
 
-def _is_remote(path: str) -> bool:
-  return '://' in path
+def _save_variables(var_dir: str, variables) -> None:
+  """Orbax write of an inference variables tree (local or remote: tensorstore)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(var_dir, variables, force=True)
+    ckptr.wait_until_finished()
+
+
+def _restore_variables(var_dir: str):
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(var_dir)
 
 
 def save_inference(directory: str, model_config: ml_collections.ConfigDict, variables, meta=None) -> str:
   """Writes an inference checkpoint (see module doc). Returns the absolute folder path."""
-  directory = directory if _is_remote(directory) else os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True) if not _is_remote(directory) else None
-  var_dir = os.path.join(directory, VARIABLES)
-  variables = jax.tree.map(np.asarray, variables)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(var_dir, variables, force=True)
-    ckptr.wait_until_finished()
-  with open(os.path.join(directory, MODEL_CONFIG), 'w') as f:
-    f.write(model_config.to_json(indent=1))
-  with open(os.path.join(directory, META), 'w') as f:
-    json.dump(meta or {}, f, indent=1, default=str)
+  directory = fileio.abspath(directory)
+  fileio.makedirs(directory)
+  _save_variables(fileio.join(directory, VARIABLES), jax.tree.map(np.asarray, variables))
+  fileio.write_text(fileio.join(directory, MODEL_CONFIG), model_config.to_json(indent=1))
+  fileio.write_text(fileio.join(directory, META), json.dumps(meta or {}, indent=1, default=str))
   return directory
 
 
 def load_model_config(directory: str) -> ml_collections.ConfigDict:
-  path = os.path.join(directory, MODEL_CONFIG)
-  if not os.path.exists(path):
+  path = fileio.join(directory, MODEL_CONFIG)
+  if not fileio.exists(path):
     raise FileNotFoundError(f'{directory} is not an ovseg_jax inference checkpoint: expected {path} '
                             '(write one with `python -m ovseg_jax.export` or `python -m ovseg_jax.convert`)')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(fileio.read_text(path)))
 
 
 def load_meta(directory: str) -> dict:
   """DIR/meta.json of an inference checkpoint ({} when absent); `eval` holds the exporter's eval settings."""
-  path = os.path.join(directory, META)
-  if not os.path.exists(path):
+  path = fileio.join(directory, META)
+  if not fileio.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fileio.read_text(path))
 
 
 def load_inference(directory: str):
   """Reads an inference checkpoint -> (model_config ConfigDict, variables dict of numpy arrays)."""
-  directory = directory if _is_remote(directory) else os.path.abspath(directory)
+  directory = fileio.abspath(directory)
   model_config = load_model_config(directory)
-  var_dir = os.path.join(directory, VARIABLES)
-  if not os.path.exists(var_dir):
+  var_dir = fileio.join(directory, VARIABLES)
+  if not fileio.exists(var_dir):
     raise FileNotFoundError(f'expected Orbax variables at {var_dir}')
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(var_dir)
-  return model_config, variables
+  return model_config, _restore_variables(var_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class TrainCheckpointer:
   """Orbax CheckpointManager for the train state + data-iterator state + meta.
 
   Example:
-    ckpt = TrainCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=1000, keep=3)
+    ckpt = TrainCheckpointer(fileio.join(workdir, 'checkpoints'), save_every=1000, keep=3)
     if ckpt.latest_step() is not None:
       state, data_state, meta = ckpt.restore(abstract_state_with_shardings)
     ckpt.save(step, state, data_state, meta)          # no-op unless step % save_every == 0 (or force)
@@ -95,7 +95,8 @@ class TrainCheckpointer:
   """
 
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-    directory = directory if _is_remote(directory) else os.path.abspath(directory)
+    directory = fileio.abspath(directory)
+    fileio.check_backend(directory)   # Orbax lists and creates folders through epath too
     self.directory = directory
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
@@ -147,10 +148,15 @@ class TrainCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no training checkpoint in {self.directory}')
-    path = os.path.join(self.directory, str(step), 'state')
+    path = fileio.join(self.directory, str(step), 'state')
+    # The item's tree metadata straight from its handler: Checkpointer.metadata() would also look for a
+    # step-level _CHECKPOINT_METADATA inside the item folder and warn that it is missing.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      tree = handler.metadata(epath.Path(path)).tree
+    finally:
+      handler.close()
     with ocp.PyTreeCheckpointer() as ckptr:
-      meta = ckptr.metadata(path)
-      tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
       return ckptr.restore(path, restore_args=restore_args)
 
@@ -163,4 +169,4 @@ class TrainCheckpointer:
 
 
 def train_checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINTS)
+  return fileio.join(workdir, CHECKPOINTS)

@@ -17,21 +17,20 @@ torch (convert/torch_save.py). `img_encoder_momentum.*` is the EMA teacher (the 
 official --src ckpt.pth` reads it back to the same arrays.
 """
 import argparse
-import os
 import sys
 
 from ovseg_jax import checkpoint as ckpt_lib
+from ovseg_jax import fileio
 
 
 def _read_workdir(workdir: str, step: int | None):
   """-> (config ConfigDict of WORKDIR/config.json, raw saved train state (numpy), step)."""
   import json  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
+  config_path = fileio.join(workdir, 'config.json')
+  if not fileio.isfile(config_path):
     raise FileNotFoundError(f'{workdir} is not a training workdir: {config_path} is missing')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(fileio.read_text(config_path)))
   ckpt = ckpt_lib.TrainCheckpointer(ckpt_lib.train_checkpoint_dir(workdir), save_every=1, keep=0)
   step = ckpt.latest_step() if step is None else step
   if step is None:
@@ -45,7 +44,7 @@ def export(workdir: str, dst: str, step: int | None = None) -> str:
   """-> the absolute path of the written inference checkpoint."""
   config, state, step = _read_workdir(workdir, step)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  meta = {'source': os.path.abspath(workdir), 'step': int(step), 'exporter': 'ovseg_jax.export',
+  meta = {'source': fileio.abspath(workdir), 'step': int(step), 'exporter': 'ovseg_jax.export',
           'stage': config.get('stage'), 'recipe': config.get('recipe'),
           'eval': config.eval.to_dict() if 'eval' in config else {}}  # Segmenter's defaults for this model
   return ckpt_lib.save_inference(dst, config.model, variables, meta)
@@ -69,17 +68,17 @@ def export_official(dst: str, *, workdir: str | None = None, checkpoint: str | N
     model_config, teacher = config.model, state.get('ema') or None
     variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
     cross_threshold = config.loss.cross_threshold if 'loss' in config else 0.6
-    provenance = {'source': os.path.abspath(workdir), 'step': step, 'stage': config.get('stage')}
+    provenance = {'source': fileio.abspath(workdir), 'step': step, 'stage': config.get('stage')}
   else:
     model_config, variables = ckpt_lib.load_inference(checkpoint)
-    teacher_dir = os.path.join(os.path.abspath(checkpoint), 'teacher')
+    teacher_dir = fileio.join(fileio.abspath(checkpoint), 'teacher')
     teacher = None
-    if os.path.isdir(teacher_dir):  # written by `convert official` for a stage-2 file
+    if fileio.isdir(teacher_dir):  # written by `convert official` for a stage-2 file
       with ocp.StandardCheckpointer() as ckptr:
         teacher = ckptr.restore(teacher_dir)['params']
     meta = ckpt_lib.load_meta(checkpoint)
     cross_threshold = 0.6
-    provenance = {'source': os.path.abspath(checkpoint), 'step': meta.get('step')}
+    provenance = {'source': fileio.abspath(checkpoint), 'step': meta.get('step')}
   to_np = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
   obj = official_export.checkpoint(model_config, to_np(variables), to_np(teacher) if teacher else None,
                                    cross_threshold=cross_threshold,

@@ -41,6 +41,8 @@ import subprocess
 import sys
 from typing import Any, Iterable, Mapping, Sequence
 
+from ovseg_jax import fileio
+
 RESERVED_KEYS = ('config_arg', 'name')
 RESOLVED_CONFIG = 'resolved_config.json'
 LAUNCHERS = ('python', 'tpu_pod', 'slurm')
@@ -246,7 +248,7 @@ def expand(config_spec: str, sweep: Sequence[Mapping[str, Any]], workdir_root: s
 
 
 def join_path(root: str, name: str) -> str:
-  return root.rstrip('/') + '/' + name if '://' in root else os.path.join(root, name)
+  return fileio.join(root, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,12 +315,10 @@ def config_to_dict(config) -> dict[str, Any]:
 
 
 def write_resolved(run: Run, config) -> str:
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  wd = epath.Path(run.workdir)
-  wd.mkdir(parents=True, exist_ok=True)
-  path = wd / RESOLVED_CONFIG
-  path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + '\n')
-  return str(path)
+  fileio.makedirs(run.workdir)
+  path = fileio.join(run.workdir, RESOLVED_CONFIG)
+  fileio.write_text(path, json.dumps(config_to_dict(config), indent=2, sort_keys=True) + '\n')
+  return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,13 +374,11 @@ def final_metrics(workdir: str) -> dict[str, float]:
 
   Evaluation keys found in a subfolder are prefixed with it (`eval/voc.miou`).
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  wd = epath.Path(workdir)
   out: dict[str, float] = {}
-  jsonl = wd / 'metrics.jsonl'
-  if jsonl.exists():
+  jsonl = fileio.join(workdir, 'metrics.jsonl')
+  if fileio.exists(jsonl):
     last = None
-    for line in jsonl.read_text().splitlines():
+    for line in fileio.read_text(jsonl).splitlines():
       line = line.strip()
       if not line:
         continue
@@ -392,12 +390,12 @@ def final_metrics(workdir: str) -> dict[str, float]:
         last = record
     if last is not None:
       out.update(_flatten(last))
-  if wd.exists():
-    candidates = [wd / 'metrics.json'] + sorted(p / 'metrics.json' for p in wd.iterdir() if p.is_dir())
-    for path in candidates:
-      if path.exists():
-        prefix = '' if path.parent == wd else f'{path.parent.name}/'
-        out.update(_flatten(json.loads(path.read_text()), prefix))
+  if fileio.isdir(workdir):
+    subdirs = [name for name in fileio.listdir(workdir) if fileio.isdir(fileio.join(workdir, name))]
+    for prefix, folder in [('', workdir)] + [(f'{name}/', fileio.join(workdir, name)) for name in subdirs]:
+      path = fileio.join(folder, 'metrics.json')
+      if fileio.exists(path):
+        out.update(_flatten(json.loads(fileio.read_text(path)), prefix))
   return out
 
 

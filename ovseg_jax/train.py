@@ -9,7 +9,10 @@ init_from), the compiled update step, the loop (progress, metrics, checkpoints, 
 Re-running the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
 
 WORKDIR: config.json (the resolved config), checkpoints/<step>/{state, data_iter, meta} (Orbax, async, the
-last `keep_checkpoints`), metrics.jsonl and tb/ (TensorBoard events via tensorboardX), on process 0.
+last `keep_checkpoints`), metrics.jsonl and tb/ (TensorBoard events via tensorboardX), on process 0. Every
+file outside Orbax goes through fileio.py, so WORKDIR and init_from may be gs:// (pip install gcsfs first).
+Console: the trainer's own lines (setup, progress with ETA) on stdout; absl / Orbax logging shows warnings
+and errors only unless --verbosity (-v) is given (--verbosity=0: Orbax's INFO lines too).
 Input: always the real pipeline (data/pipeline.py); only the Python API `train_and_evaluate(...,
 make_batches=)` takes another source (tests and benchmarks use train_data.in_memory_batches).
 Non-finite loss / gradient: the step is a no-op on device (train_step.py); the host checks the per-step flags
@@ -21,8 +24,10 @@ else a float32 matmul measured at start-up).
 
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -35,6 +40,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from ovseg_jax import checkpoint as ckpt_lib
+from ovseg_jax import fileio
 from ovseg_jax import optim
 from ovseg_jax import sharding as sharding_lib
 from ovseg_jax import train_step as step_lib
@@ -52,44 +58,105 @@ class TrainingDiverged(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Small helpers: config file, metric writers, MFU peak, init_from.
+# Small helpers: console, config file, metric writers, MFU peak, init_from.
 # ----------------------------------------------------------------------------------------------------------
+def say(msg: str, *args) -> None:
+  """A trainer line for the user: stdout on process 0, or absl INFO when that is shown (--verbosity)."""
+  if logging.level_info():
+    logging.info(msg, *args)
+  elif jax.process_index() == 0:
+    print(msg % args if args else msg, flush=True)
+
+
+logging.ABSLLogger.register_frame_to_skip(__file__, 'say')   # absl records the caller's line, not say's
+
+
+def quiet_library_logging() -> None:
+  """absl / Orbax / JAX logging at WARNING unless --verbosity (-v) was given on the command line."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """WORKDIR/config.json: the resolved config (every default and override) of this run."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    fileio.write_text(fileio.join(workdir, 'config.json'), config.to_json_best_effort(indent=1, sort_keys=True))
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = fileio.join(workdir, 'config.json')
+  if not fileio.isfile(path):
     raise FileNotFoundError(f'{workdir} is not a training workdir: {path} is missing')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(fileio.read_text(path)))
 
 
 class MetricWriter:
-  """TensorBoard event files (tensorboardX, no TensorFlow) + WORKDIR/metrics.jsonl, on process 0 only."""
+  """TensorBoard event files (tensorboardX, no TensorFlow) + WORKDIR/metrics.jsonl, on process 0 only.
 
-  def __init__(self, workdir: str):
+  Local workdir: each record is appended to metrics.jsonl and flushed; events are written to WORKDIR/tb.
+  Remote workdir (object stores cannot append): the records are kept in memory after the file's existing
+  ones (a resumed run continues it) and the whole metrics.jsonl is rewritten; events are written to a local
+  temporary folder and copied to WORKDIR/tb. Both are uploaded by `sync()`: on the first record, then at
+  most every `sync_seconds`, at every checkpoint (train loop) and at close().
+  """
+
+  def __init__(self, workdir: str, sync_seconds: float = 60.0):
     self.active = jax.process_index() == 0
-    if self.active:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self.remote = fileio.is_remote(workdir)
+    if not self.active:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.jsonl_path = fileio.join(workdir, 'metrics.jsonl')
+    self.tb_dir = fileio.join(workdir, 'tb')
+    if self.remote:
+      self.sync_seconds = sync_seconds
+      self.local_tb = tempfile.mkdtemp(prefix='ovseg_tb_')
+      self.tb = SummaryWriter(self.local_tb)
+      old = fileio.read_text(self.jsonl_path) if fileio.exists(self.jsonl_path) else ''
+      self.lines = [line + '\n' for line in old.splitlines() if line.strip()]
+      self.dirty, self.last_sync = False, float('-inf')
+    else:
+      self.tb = SummaryWriter(self.tb_dir)
+      self.jsonl = fileio.open(self.jsonl_path, 'a')
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.active:
       return
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
-    self.jsonl.write(json.dumps(dict(step=step, **scalars)) + '\n')
-    self.jsonl.flush()
+    line = json.dumps(dict(step=step, **scalars)) + '\n'
+    if self.remote:
+      self.lines.append(line)
+      self.dirty = True
+      if time.monotonic() - self.last_sync >= self.sync_seconds:
+        self.sync()
+    else:
+      self.jsonl.write(line)
+      self.jsonl.flush()
+
+  def sync(self) -> None:
+    """Uploads metrics.jsonl and the TensorBoard event files (remote workdir; local: nothing to do)."""
+    if not (self.active and self.remote):
+      return
+    self.tb.flush()
+    if self.dirty:
+      fileio.write_text(self.jsonl_path, ''.join(self.lines))
+      self.dirty = False
+    names = sorted(os.listdir(self.local_tb))
+    if names:
+      fileio.makedirs(self.tb_dir)
+    for name in names:
+      fileio.copy(os.path.join(self.local_tb, name), fileio.join(self.tb_dir, name))
+    self.last_sync = time.monotonic()
 
   def close(self) -> None:
-    if self.active:
-      self.tb.close()
+    if not self.active:
+      return
+    self.tb.close()
+    if self.remote:
+      self.sync()
+      shutil.rmtree(self.local_tb, ignore_errors=True)
+    else:
       self.jsonl.close()
 
 
@@ -137,24 +204,25 @@ def _read_init(path: str):
   `export`; a `teacher/` beside it is the EMA teacher), a `convert dino` folder, or a `convert bert` folder.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise UsageError(f'--config.train.init_from / init_bert: {path} does not exist')
   ckpt_dir = ckpt_lib.train_checkpoint_dir(path)
-  if os.path.isdir(ckpt_dir):
+  if fileio.isdir(ckpt_dir):
     raw = ckpt_lib.TrainCheckpointer(ckpt_dir, save_every=1, keep=0).restore_params()
     return raw['params'], raw.get('batch_stats'), raw.get('ema') or None
-  var_dir = os.path.join(path, ckpt_lib.VARIABLES)
-  if not os.path.isdir(var_dir):
+  var_dir = fileio.join(path, ckpt_lib.VARIABLES)
+  if not fileio.isdir(var_dir):
     raise UsageError(f'{path} is neither a training workdir nor a converted checkpoint (no {var_dir}); '
                      'write one with `python -m ovseg_jax.convert official|dino|bert --src ... --dst DIR`')
   with ocp.StandardCheckpointer() as ckptr:
     variables = jax.tree.map(np.asarray, ckptr.restore(var_dir))
   teacher = None
-  if os.path.isdir(os.path.join(path, 'teacher')):
+  teacher_dir = fileio.join(path, 'teacher')
+  if fileio.isdir(teacher_dir):
     with ocp.StandardCheckpointer() as ckptr:
-      teacher = jax.tree.map(np.asarray, ckptr.restore(os.path.join(path, 'teacher')))['params']
+      teacher = jax.tree.map(np.asarray, ckptr.restore(teacher_dir))['params']
   params = variables['params']
-  if os.path.isfile(os.path.join(path, 'text_config.json')) or 'embeddings' in params:
+  if fileio.isfile(fileio.join(path, 'text_config.json')) or 'embeddings' in params:
     params = {'text_encoder': params}   # `convert bert` writes the bare BertModel tree
   return params, variables.get('batch_stats'), teacher
 
@@ -186,10 +254,10 @@ def apply_init(state: dict, config: ml_collections.ConfigDict) -> dict:
       continue
     params, batch_stats, t = _read_init(path)
     state['params'], n = _place(state['params'], params, path)
-    logging.info('%s: placed %d parameter arrays from %s', key, n, path)
+    say('%s: placed %d parameter arrays from %s', key, n, path)
     if batch_stats:
       state['batch_stats'], n = _place(state['batch_stats'], batch_stats, path)
-      logging.info('%s: placed %d BN statistics from %s', key, n, path)
+      say('%s: placed %d BN statistics from %s', key, n, path)
     teacher = t if t is not None else teacher
   if step_lib.uses_teacher(config) and (config.train.init_from or config.train.init_bert):
     if teacher is None or config.train.init_teacher_from_student:
@@ -220,13 +288,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, make_
   """
   # ---------------------------------------------------------------- workdir, logging, distributed, mesh
   sharding_lib.maybe_initialize_distributed(config)
-  if '://' not in workdir:
-    os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)   # also: a remote workdir without its filesystem package stops here, in one line
   write_config(config, workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
   gbs = config.train.global_batch_size
   sharding_lib.check_batch_divisible(gbs, mesh)
-  logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
+  say('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
   # ---------------------------------------------------------------- checkpoints (before input: data state)
@@ -263,12 +330,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, make_
   shardings = sharding_lib.tree_shardings(abstract, mesh, config.sharding)
   if resume_step is not None:
     state, _, _ = ckpt.restore(sharding_lib.with_shardings(abstract, shardings), resume_step)
-    logging.info('resumed from %s at step %d', ckpt.directory, resume_step)
+    say('resumed from %s at step %d', ckpt.directory, resume_step)
   else:
     state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
     state = apply_init(state, config)
   n_params = step_lib.param_count(state['params'])
-  logging.info('params: %.2fM; per-device state %.1f MiB', n_params / 1e6,
+  say('params: %.2fM; per-device state %.1f MiB', n_params / 1e6,
                sharding_lib.per_device_bytes(state) / 2 ** 20)
 
   # ---------------------------------------------------------------- the compiled update step
@@ -280,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, make_
   compiled = step_fn.lower(state, first_global, step_rng).compile()
   flops = compiled_flops(compiled)
   peak = machine_peak_flops(config)
-  logging.info('compiled the step in %.1fs: %.2f GFLOP per step; peak %.1f GFLOP/s', time.perf_counter() - t0,
+  say('compiled the step in %.1fs: %.2f GFLOP per step; peak %.1f GFLOP/s', time.perf_counter() - t0,
                flops / 1e9, peak / 1e9)
 
   # ---------------------------------------------------------------- preemption
@@ -328,13 +395,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, make_
       if 'step_seconds' in last:
         line += (f' | {last["img_per_s"]:.1f} img/s ({last["img_per_s_per_device"]:.2f}/dev) | '
                  f'ETA {_fmt_eta((total_steps - step) * last["step_seconds"])} | MFU {100 * last["mfu"]:.1f}%')
-      logging.info(line)
-      print(line, flush=True)
+      say(line)
 
   def save(force: bool = False) -> None:
     meta = dict(rng=np.asarray(jax.random.key_data(step_rng)).tolist(), time=time.time(),
                 total_steps=total_steps)
-    ckpt.save(step, state, data_iter_state, meta, force=force)
+    if ckpt.save(step, state, data_iter_state, meta, force=force):
+      writer.sync()
 
   try:
     batch, data_iter_state = first_global, first_state
@@ -353,8 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, make_
         if ckpt.latest_step() != step:
           save(force=True)
         ckpt.wait_until_finished()
-        logging.info('SIGTERM: saved step %d, exiting', step)
-        print(f'preempted: saved step {step} to {ckpt.directory}', flush=True)
+        say('preempted (SIGTERM): saved step %d to %s, exiting', step, ckpt.directory)
         break
       if step < total_steps:
         batch = sharding_lib.host_batch_to_global(next(batches), mesh)
@@ -380,6 +446,7 @@ def main(argv):
     print('usage: python -m ovseg_jax.train --config=configs/X.py[:variant] --workdir=DIR '
           '[--config.key=value ...]', file=sys.stderr)
     return 2
+  quiet_library_logging()
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (UsageError, TrainingDiverged, FileNotFoundError, ValueError) as e:  # expected: one line, no trace

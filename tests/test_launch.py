@@ -96,7 +96,7 @@ def test_tpu_pod_dry_run_prints_exact_commands(tmp_path):
       f"{SSH} '--command=rm -rf ovseg_jax && tar -xzf ovseg_jax.tar.gz && rm ovseg_jax.tar.gz'",
       f"{SSH} '--command=cd ovseg_jax && (command -v python3.11 >/dev/null || (sudo apt-get update -q && "
       "sudo apt-get install -y -q python3.11 python3.11-venv)) && bash launch/setup_venv.sh run && "
-      f".venv/bin/pip install -q {q}jax[tpu]==0.10.2{q}'",
+      f".venv/bin/pip install -q {q}jax[tpu]==0.10.2{q} gcsfs==2026.10.1'",
       f"{SSH} '--command=cd ovseg_jax && .venv/bin/python -c {q}import jax; print(jax.process_index(), "
       f"jax.device_count(), jax.devices()[0].device_kind){q}'",
   ]
