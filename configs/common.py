@@ -132,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
       split='train',                   # tfds split the trainer reads
       shuffle_seed=0,
       prompt_template='A photo of {}',
+      # The prompted-entity sentence h(E) of Eq. 8: '' = a random ImageNet template prefix + entities joined
+      # by ' and ' (official); a format string such as 'a photo of a {}.' = one fixed prompt (paper's form).
+      answer_template='',
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

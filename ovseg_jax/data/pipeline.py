@@ -71,11 +71,12 @@ class ExampleTransform:
 
   def __init__(self, *, path: str, split: str, image_size: int, crop_scale, deit_aug: bool, entity_mode: str,
                vocab: dict, max_length: int, prompt_template: str = entities_lib.CROSS_PROMPT,
-               with_ids: bool = False):
+               answer_template: str = '', with_ids: bool = False):
     self.path, self.split = path, split
     self.image_size, self.crop_scale, self.deit_aug = int(image_size), tuple(crop_scale), bool(deit_aug)
     self.entity_mode, self.vocab, self.max_length, self.with_ids = entity_mode, vocab, max_length, with_ids
     self.prompt_template = prompt_template
+    self.answer_template = answer_template  # '' = a random ImageNet template prefix per example (official)
     self._source = self._index = self._tok = self._ex = None
     self._errors = self._calls = 0
     self._lock = threading.Lock()
@@ -133,7 +134,9 @@ class ExampleTransform:
       if cross is None:
         cross, partner = self._image(data, rng), int(idx)
       question, masked = self._ex.mask(caption)
-      answer = self._ex.answer(masked, int(rng.integers(len(entities_lib.TEMPLATE_PREFIXES))))
+      template_index = int(rng.integers(len(entities_lib.TEMPLATE_PREFIXES)))  # drawn always: same stream
+      answer = (self.answer_template.format(' and '.join(masked)) if self.answer_template
+                else self._ex.answer(masked, template_index))
       ids, mask = self._tok([caption, question, answer, self.prompt_template.format(entity)])
     except Exception as e:  # pylint: disable=broad-except  (skip and count any unreadable record)
       self._log(idx, e)
@@ -245,7 +248,7 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
   """Per-host training batches for `config` (see the module docstring).
 
   config keys used: data.{data_dir, dataset, split, image_size, crop_scale, deit_aug, entity_mode,
-  num_workers, read_threads, shuffle_seed, prompt_template}, model.text.max_length, train.global_batch_size.
+  num_workers, read_threads, shuffle_seed, prompt_template, answer_template}, model.text.max_length, train.global_batch_size.
   with_ids: add `example_id` / `cross_example_id` int64 [b] (tests and debugging).
   """
   if process_index is None or process_count is None:
@@ -276,7 +279,7 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
                                deit_aug=d.deit_aug, entity_mode=d.entity_mode, vocab=vocab,
                                max_length=config.model.text.max_length,
                                prompt_template=d.get('prompt_template', entities_lib.CROSS_PROMPT),
-                               with_ids=with_ids)
+                               answer_template=d.get('answer_template', ''), with_ids=with_ids)
   seed = int(d.shuffle_seed)
   ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
   ds = ds.random_map(transform, seed=seed + 1)
