@@ -20,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ovseg_jax.models import vit
+
 # HF BertPreTrainedModel._init_weights: normal(0, initializer_range=0.02), zero biases, unit LN scales.
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -113,12 +115,14 @@ class BertEncoder(nn.Module):
   ln_eps: float
   dropout: float
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x, mask_bias, train: bool = False):
+    layer_cls = vit.remat(BertLayer, self.remat, static_argnums=(3,))  # (self, x, mask_bias, train)
     for i in range(self.num_layers):
-      x = BertLayer(self.num_heads, self.intermediate, self.ln_eps, self.dropout, self.dtype,
-                    name=f'layer_{i}')(x, mask_bias, train)
+      x = vit.constrain_batch(layer_cls(self.num_heads, self.intermediate, self.ln_eps, self.dropout, self.dtype,
+                                        name=f'layer_{i}')(x, mask_bias, train))
     return x
 
 
@@ -165,9 +169,12 @@ class BertModel(nn.Module):
       type_vocab, ln_eps, dropout, max_length); a ConfigDict or FrozenConfigDict.
     dtype: compute dtype (jnp.float32, jnp.bfloat16 or their names, e.g. `config.model.dtype`); params stay
       float32, attention logits / softmax and LayerNorm statistics are float32.
+    remat: rematerialisation of each layer in the backward pass ('none' | 'full' | 'dots', see
+      `vit.remat`; `config.model.remat`). Param names do not change.
   """
   config: Any
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, train: bool = False):
@@ -184,6 +191,7 @@ class BertModel(nn.Module):
     mask_bias = (1.0 - attention_mask.astype(jnp.float32))[:, None, None, :] * jnp.finfo(jnp.float32).min
     x = BertEmbeddings(cfg.vocab_size, cfg.width, cfg.max_position, cfg.type_vocab, cfg.ln_eps, cfg.dropout,
                        dtype, name='embeddings')(input_ids, token_type_ids, train)
+    x = vit.constrain_batch(x)  # the embedding lookup would otherwise inherit the table's FSDP sharding
     x = BertEncoder(cfg.num_layers, cfg.num_heads, cfg.intermediate, cfg.ln_eps, cfg.dropout, dtype,
-                    name='encoder')(x, mask_bias, train)
+                    self.remat, name='encoder')(x, mask_bias, train)
     return x, BertPooler(dtype, name='pooler')(x)

@@ -33,10 +33,10 @@ class EntityDecoder(nn.Module):
                train: bool = False) -> jnp.ndarray:
     """visual [B, K, C], question_feat [B, T, C], question_mask [B, T] (1 = token) -> tokens [B, T, C]."""
     ln = lambda name: vit.layer_norm(self.ln_eps, self.dtype, name)  # noqa: E731
-    t = ln('norm_tokens')(question_feat.astype(self.dtype))
-    v = ln('norm_x')(visual.astype(self.dtype))
+    t = vit.constrain_batch(ln('norm_tokens')(question_feat.astype(self.dtype)))
+    v = vit.constrain_batch(ln('norm_x')(visual.astype(self.dtype)))
     p = vit.CrossAttnBlock(self.num_heads, self.mlp_ratio, True, self.ln_eps, self.dtype, name='cross_attn')(t, v)
     mask = None if (self.attend_padding or question_mask is None) else question_mask.astype(bool)
     n = vit.Block(self.num_heads, self.mlp_ratio, True, self.ln_eps, 0.0, self.dtype, name='self_attn')(
         p, train, mask)
-    return ln('norm_new_x')(n + p)
+    return vit.constrain_batch(ln('norm_new_x')(n + p))

@@ -28,7 +28,7 @@ class OVSegmentor(nn.Module):
     c = self.config
     dtype = visual_lib.compute_dtype(c)
     self.img_encoder = visual_lib.VisualEncoder(c)
-    self.text_encoder = bert_lib.BertModel(c.text, dtype=dtype)
+    self.text_encoder = bert_lib.BertModel(c.text, dtype=dtype, remat=c.get('remat', 'none'))
     proj = (c.proj.hidden, c.proj.out, c.proj.bn_momentum, c.proj.bn_eps, dtype)
     self.img_projector = heads.ProjectionHead(*proj)
     self.text_projector = heads.ProjectionHead(*proj)

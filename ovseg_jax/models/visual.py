@@ -40,7 +40,8 @@ class VisualEncoder(nn.Module):
     side = vc.img_size // vc.patch_size
     stochastic = train and not deterministic
     rates = np.linspace(0.0, vc.drop_path_rate, d1 + d2)
-    block = lambda i, name: vit.Block(vc.num_heads, vc.mlp_ratio, vc.qkv_bias, vc.ln_eps, float(rates[i]),  # noqa: E731
+    block_cls = vit.remat(vit.Block, self.config.get('remat', 'none'), static_argnums=(2,))  # (self, x, train)
+    block = lambda i, name: block_cls(vc.num_heads, vc.mlp_ratio, vc.qkv_bias, vc.ln_eps, float(rates[i]),  # noqa: E731
                                       dtype, name=name)
 
     x, grid = vit.PatchEmbed(vc.patch_size, width, dtype, name='patch_embed')(images.astype(dtype))
@@ -49,9 +50,10 @@ class VisualEncoder(nn.Module):
     b, num_patches = x.shape[0], x.shape[1]
 
     tokens = self.param('group_token', vit.INIT, (bc.num_group_tokens, width), jnp.float32)
-    x = jnp.concatenate([x, jnp.broadcast_to(tokens.astype(dtype), (b,) + tokens.shape)], axis=1)
+    x = vit.constrain_batch(jnp.concatenate([x, jnp.broadcast_to(tokens.astype(dtype), (b,) + tokens.shape)],
+                                            axis=1))
     for i in range(d1):
-      x = block(i, f'stage1_block{i}')(x, stochastic)
+      x = vit.constrain_batch(block(i, f'stage1_block{i}')(x, stochastic))
     x, groups = x[:, :num_patches], x[:, num_patches:]
 
     out = binding_lib.GroupingBlock(
@@ -59,6 +61,6 @@ class VisualEncoder(nn.Module):
         vc.qkv_bias, vc.ln_eps, dtype, name='binding')(x, groups, train, deterministic)
     g = out.pop('x')
     for j in range(d2):
-      g = block(d1 + j, f'stage2_block{j}')(g, stochastic)
+      g = vit.constrain_batch(block(d1 + j, f'stage2_block{j}')(g, stochastic))
     g = vit.layer_norm(vc.ln_eps, dtype, 'norm')(g)
     return dict(x=g, grid=grid, **out)

@@ -27,6 +27,44 @@ def layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNor
                       name=name)
 
 
+# Logical name of the batch axis of activations. A sharded step that traces the model under
+# `jax.sharding.set_mesh(mesh)` and `nn.logical_axis_rules(ACTIVATION_RULES)` pins every block's output to
+# batch sharding; without those contexts `constrain_batch` is the identity.
+ACTIVATION_RULES = (('batch', ('data', 'fsdp')),)
+
+
+def constrain_batch(x: jnp.ndarray) -> jnp.ndarray:
+  """x [B, ...] with its leading axis constrained to the logical 'batch' axis (see ACTIVATION_RULES).
+
+  Why: with FSDP the weights are split along a feature axis; without a constraint XLA's sharding
+  propagation can carry that feature sharding into the activations and replicate the batch axis
+  ("involuntary full rematerialization"), which multiplies activation memory by the number of devices.
+  """
+  return nn.with_logical_constraint(x, ('batch',) + (None,) * (x.ndim - 1))
+
+
+REMAT_POLICIES = ('none', 'full', 'dots')
+
+
+def remat(module_cls, policy: str, static_argnums: tuple[int, ...]):
+  """`module_cls`, or its rematerialised form (`config.model.remat`), with the same param names.
+
+  'none': keep every activation for the backward pass (fastest; the default).
+  'full': keep only the block input, recompute the block in the backward pass (~1/3 more FLOPs).
+  'dots': keep the outputs of the weight matmuls (`dots_with_no_batch_dims_saveable`), recompute the
+    attention products, softmax, LayerNorm and GELU (few FLOPs, drops the [B, H, N, N] attention maps).
+  `static_argnums` counts `self` as 0 (python bools such as `train` must be static).
+  """
+  if policy == 'none':
+    return module_cls
+  if policy == 'full':
+    return nn.remat(module_cls, static_argnums=static_argnums)
+  if policy == 'dots':
+    return nn.remat(module_cls, static_argnums=static_argnums,
+                    policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f'model.remat={policy!r}: expected one of {REMAT_POLICIES}')
+
+
 def gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
   """`nn.GELU()` of PyTorch: the erf form (Flax's default is the tanh approximation)."""
   return nn.gelu(x, approximate=False)
