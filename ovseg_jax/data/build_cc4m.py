@@ -422,7 +422,8 @@ def run_build(tasks, *, output: str, name: str, split: str, opts: Options, num_w
     results = map(process_task, jobs)
     pool = None
   else:
-    pool = multiprocessing.get_context('fork').Pool(min(num_workers, len(jobs)))
+    # forkserver, not fork: the parent may already run JAX's threads (fork would copy held locks).
+    pool = multiprocessing.get_context('forkserver').Pool(min(num_workers, len(jobs)))
     results = pool.imap_unordered(process_task, jobs)
   try:
     for r in results:
