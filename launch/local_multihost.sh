@@ -41,14 +41,8 @@ EOF
 }
 
 die() { echo "local_multihost.sh: error: $*" >&2; exit 2; }
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"; else printf '%s' "${1@Q}"; fi
-}
-join_quoted() {
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(quote "$w")"; done
-  printf '%s' "$out"
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cd "$(dirname "$0")/.."
 CONFIG=configs/tiny.py

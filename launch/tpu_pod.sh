@@ -38,21 +38,8 @@ EOF
 
 die() { echo "tpu_pod.sh: error: $*" >&2; exit 2; }
 
-# Shell-quotes one word only when it needs it, so printed commands stay readable and copy-pasteable.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"; else printf '%s' "${1@Q}"; fi
-}
-join_quoted() {
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(quote "$w")"; done
-  printf '%s' "$out"
-}
-DRY_RUN=0
-# Prints a command, then runs it unless --dry-run.
-run() {
-  echo "+ $(join_quoted "$@")"
-  if [ "$DRY_RUN" = 0 ]; then "$@"; fi
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PROJECT="${TPU_PROJECT:-}"
 ZONE="${TPU_ZONE:-us-central2-b}"
