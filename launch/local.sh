@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUN=runs/local SEED=0 STEPS="" ABLATION=all DRY=0 TRAIN_IMAGES=4000 VAL_IMAGES=200 VAL_SEED=1
-usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --run) RUN="$2"; shift 2 ;;
