@@ -12,10 +12,10 @@ import pytest
 
 from configs import tiny
 from ovseg_jax.convert import official
+from tests import official_keys
 
 torch = pytest.importorskip('torch')
 
-KEYS_FILE = 'official_checkpoint_keys.txt'
 VITB_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'vitb.py')
 # full-size dim -> reduced dim (every dim of the ViT-B/BERT-base key list has a unique meaning)
 DIMS = {768: 24, 2304: 72, 3072: 96, 4096: 40, 256: 12, 384: 12, 64: 6, 8: 3, 196: 16, 16: 4, 30522: 50,
@@ -37,17 +37,13 @@ class _AuthorsConfig:
 
 
 def _reduced_keys(reference_dir):
+  """Every key pattern of the authors' model, with blocks/layers >= 2 dropped and widths reduced by DIMS."""
   out = []
-  with open(os.path.join(os.path.dirname(reference_dir), KEYS_FILE)) as f:
-    for line in f:
-      if line.startswith('#') or not line.strip():
-        continue
-      key, shape, dtype = line.rstrip('\n').split('\t')
-      m = re.search(r'(?:blocks|layer)\.(\d+)\.', key)
-      if m and int(m.group(1)) >= 2:
-        continue
-      shape = tuple(DIMS[int(d)] for d in re.findall(r'\d+', shape))
-      out.append((key, shape, dtype))
+  for key, shape, dtype in official_keys.read_official_keys(reference_dir):
+    m = re.search(r'(?:blocks|layer)\.(\d+)\.', key)
+    if m and int(m.group(1)) >= 2:
+      continue
+    out.append((key, tuple(DIMS[d] for d in shape), dtype))
   return out
 
 

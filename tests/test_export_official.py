@@ -28,11 +28,11 @@ from ovseg_jax.convert import official
 from ovseg_jax.convert import official_export
 from ovseg_jax.convert import torch_pickle
 from ovseg_jax.convert import torch_save
+from tests import official_keys
 
 torch = pytest.importorskip('torch')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS_FILE = 'official_checkpoint_keys.txt'
 # Keys of the golden file whose exported value differs, and why (official_export.FILLS):
 NOT_ROUND_TRIPPING = {
     # BN step counters: our BatchNorm keeps none; exported as 0 (the golden file has 100)
@@ -127,19 +127,8 @@ def test_exported_file_equals_the_authors_file_except_documented_keys(trip):
   print(f'{len(sd)} tensors: {len(sd) - len(differ)} identical to the authors\' file, {len(differ)} filled')
 
 
-def _keys_file(golden_dir):
-  out = []
-  with open(os.path.join(os.path.dirname(golden_dir), KEYS_FILE)) as f:
-    for line in f:
-      if line.startswith('#') or not line.strip():
-        continue
-      key, shape, dtype = line.rstrip('\n').split('\t')
-      out.append((key, tuple(int(d) for d in re.findall(r'\d+', shape)), dtype))
-  return out
-
-
 def test_layout_is_the_authors_key_list(trip, golden_dir):
-  assert official_export.official_layout(vitb.get_config().model) == _keys_file(golden_dir)
+  assert official_export.official_layout(vitb.get_config().model) == official_keys.read_official_keys(golden_dir)
   # and the exported small model has exactly the layout of its own size
   model_config, _ = ckpt_lib.load_inference(trip['conv'])
   sd = torch.load(trip['pth'], weights_only=True)['model']
