@@ -339,16 +339,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, make_
                sharding_lib.per_device_bytes(state) / 2 ** 20)
 
   # ---------------------------------------------------------------- the compiled update step
-  step_fn = step_lib.jit_train_step(config, model, tx, schedule, total_steps, mesh, shardings)
+  # Two compiled variants when the paper_single lambda starts at 0: without the mask branch before
+  # `mask_start`, with it from there on (the second is compiled when first needed).
+  mask_start = step_lib.mask_phase_start(config, total_steps)
   first = next(batches)
   first_state = batches.get_state()
   first_global = sharding_lib.host_batch_to_global(first, mesh)
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, first_global, step_rng).compile()
-  flops = compiled_flops(compiled)
   peak = machine_peak_flops(config)
-  say('compiled the step in %.1fs: %.2f GFLOP per step; peak %.1f GFLOP/s', time.perf_counter() - t0,
-               flops / 1e9, peak / 1e9)
+  compiled_steps = {}  # mask_branch -> (compiled step, its FLOPs)
+
+  def compiled_step(mask_branch: bool):
+    if mask_branch not in compiled_steps:
+      t0 = time.perf_counter()
+      fn = step_lib.jit_train_step(config, model, tx, schedule, total_steps, mesh, shardings,
+                                   mask_branch=mask_branch)
+      compiled = fn.lower(state, first_global, step_rng).compile()
+      flops = compiled_flops(compiled)
+      what = 'the step' if mask_start in (0, total_steps) else (
+          f'the step with the mask branch (steps >= {mask_start})' if mask_branch else
+          f'the step without the mask branch (lambda = 0 before step {mask_start})')
+      say('compiled %s in %.1fs: %.2f GFLOP per step; peak %.1f GFLOP/s', what, time.perf_counter() - t0,
+          flops / 1e9, peak / 1e9)
+      compiled_steps[mask_branch] = (compiled, flops)
+    return compiled_steps[mask_branch]
+
+  compiled, flops = compiled_step(int(jax.device_get(state['step'])) >= mask_start)
 
   # ---------------------------------------------------------------- preemption
   preempted = {'flag': False}
@@ -406,6 +421,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, make_
   try:
     batch, data_iter_state = first_global, first_state
     while step < total_steps:
+      if step == mask_start and mask_start > 0:
+        check_and_log(force_log=False)   # MFU of the steps so far uses the FLOPs of their variant
+        compiled, flops = compiled_step(True)
+        t_last, step_last = time.perf_counter(), step
       state, metrics = compiled(state, batch, step_rng)
       step += 1
       pending.append((step, metrics))

@@ -27,6 +27,7 @@ yet the frozen text encoder still runs in train mode with dropout (official).
 """
 
 import functools
+import math
 from typing import Any, Callable
 
 import chex
@@ -115,11 +116,13 @@ def _matcher(config, mesh):
 
 def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, step: jax.Array, *,
                    config: ml_collections.ConfigDict, model: OVSegmentor, total_steps: int,
-                   mesh=None, return_intermediates: bool = False):
+                   mesh=None, return_intermediates: bool = False, mask_branch: bool = True):
   """The official forward_train -> (total loss, (metrics, new batch_stats[, intermediates])).
 
   batch: BATCH_KEYS arrays of the global batch B (images [B, H, W, 3], ids / masks [B, T]).
   rng: the step key (streams 'dropout' and 'gumbel' are split from it per call).
+  mask_branch: False skips the teacher / cross-image / mask-loss branch (the trainer's choice while the
+    paper_single lambda is still 0; see `mask_phase_start`).
   """
   det = bool(config.train.deterministic)
   counter = iter(range(1 << 20))
@@ -161,7 +164,7 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
   metrics = {}
   l_mask = None
   lam = jnp.zeros((), jnp.float32)
-  if uses_teacher(config):
+  if uses_teacher(config) and mask_branch:
     lam = losses.mask_loss_weight(step, total_steps, config.recipe, config.loss.mask_weight,
                                   config.loss.mask_start_fraction, config.stage)
     teacher = jax.lax.stop_gradient(teacher)
@@ -204,9 +207,24 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
 # ----------------------------------------------------------------------------------------------------------
 # The update step.
 # ----------------------------------------------------------------------------------------------------------
+def mask_phase_start(config: ml_collections.ConfigDict, total_steps: int) -> int:
+  """First step whose update needs the mask branch (0: every step; total_steps: none).
+
+  Under the paper_single recipe lambda is 0 before mask_start_fraction * total_steps, and there the mask
+  branch would only cost a teacher forward and a matching whose loss is multiplied by 0 (its one side
+  effect, the img_projector BN running statistics of the cross images, is left out). The trainer runs a
+  step compiled without it until this step.
+  """
+  if not uses_teacher(config):
+    return total_steps
+  if config.recipe != 'paper_single':
+    return 0
+  return min(total_steps, int(math.ceil(config.loss.mask_start_fraction * total_steps)))
+
+
 def train_step(state: dict, batch: dict, rng: jax.Array, *, config: ml_collections.ConfigDict,
                model: OVSegmentor, tx: optax.GradientTransformation, schedule: Callable, total_steps: int,
-               mesh=None) -> tuple[dict, dict]:
+               mesh=None, mask_branch: bool = True) -> tuple[dict, dict]:
   """One optimizer step -> (new state, metrics dict of float32 scalars). Jit it with `jit_train_step`."""
   step = state['step']
   step_rng = jax.random.fold_in(rng, step)
@@ -229,7 +247,7 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, config: ml_collectio
     params = gather(params)
     params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
     return forward_losses(params, state['batch_stats'], teacher, batch, step_rng, step, config=config,
-                          model=model, total_steps=total_steps, mesh=mesh)
+                          model=model, total_steps=total_steps, mesh=mesh, mask_branch=mask_branch)
 
   (total, (metrics, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -253,10 +271,10 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, config: ml_collectio
 
 
 def jit_train_step(config, model, tx, schedule, total_steps: int, mesh, state_shardings,
-                   max_traces: int | None = None) -> Any:
+                   max_traces: int | None = None, mask_branch: bool = True) -> Any:
   """`jit(train_step)`: state donated, state/out shardings fixed, batch over ('data', 'fsdp'), rng and
   metrics replicated. Shapes never change, so it compiles once; `max_traces=n` makes a retrace beyond n
-  an error (chex.assert_max_traces)."""
+  an error (chex.assert_max_traces). `mask_branch=False`: the step without the mask branch."""
   # Activations keep batch sharding (models/vit.py `constrain_batch`, issue 7): without the constraints,
   # FSDP-sharded weights pull XLA's propagation onto feature axes and the batch gets replicated (vitb, 64
   # devices, global batch 2048: 93.6 -> 16.4 GiB per device, 1.18 -> 1.01x the analytic FLOPs; bench/RESULTS.md).
@@ -265,7 +283,7 @@ def jit_train_step(config, model, tx, schedule, total_steps: int, mesh, state_sh
   def fn(state, batch, rng):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return train_step(state, batch, rng, config=config, model=model, tx=tx, schedule=schedule,
-                        total_steps=total_steps, mesh=mesh)
+                        total_steps=total_steps, mesh=mesh, mask_branch=mask_branch)
   if max_traces is not None:
     fn = chex.assert_max_traces(fn, n=max_traces)
   rep = sharding_lib.replicated(mesh)

@@ -164,3 +164,39 @@ def test_non_finite_batch_is_a_no_op_step(data_parallel):
     np.testing.assert_array_equal(a, b, err_msg=n)
   assert int(after['step']) == STEPS + 1
   assert run['jit']._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_mask_branch_is_skipped_only_while_lambda_is_zero():
+  """paper_single: before mask_start_fraction * total_steps the trainer runs the step without the teacher /
+  mask branch. Its update equals the full step's (lambda = 0), up to the BN running statistics of the
+  cross image / cross entity that only the full step records."""
+  config = tf.small_config()
+  config.recipe = 'paper_single'
+  config.loss.mask_start_fraction = 0.5
+  assert ts.mask_phase_start(config, 6) == 3
+  assert ts.mask_phase_start(config, 7) == 4                         # ceil(3.5): step 3 still has lambda 0
+  two_stage = tf.small_config()
+  assert ts.mask_phase_start(two_stage, 6) == 0
+  assert ts.mask_phase_start(tf.small_config(stage=1), 6) == 6       # no teacher: never
+
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model = ts.make_model(config)
+  tx, sched = optim.make_optimizer(config.optim, total_steps=6, warmup_steps=1, global_batch=8)
+  batch = sharding.host_batch_to_global(next(tf.batches(config)), mesh)
+  out = {}
+  for branch in (True, False):
+    state, shardings = sharding.create_sharded_state(
+        lambda r: ts.init_state(config, model, tx, r), mesh, config.sharding, jax.random.key(0))
+    fn = ts.jit_train_step(config, model, tx, sched, 6, mesh, shardings, mask_branch=branch)
+    new, m = fn(state, batch, jax.random.key(1))
+    out[branch] = (jax.device_get(new), jax.device_get(m))
+  (full, m_full), (skip, m_skip) = out[True], out[False]
+  assert m_full['mask_lambda'] == 0.0 and m_full['loss_mask'] > 0 and m_skip['loss_mask'] == 0.0
+  np.testing.assert_allclose(m_skip['loss'], m_full['loss'], rtol=1e-6)
+  for part in ('params', 'opt_state', 'ema'):
+    for (n, a), (_, b) in zip(optim.named_leaves(full[part]), optim.named_leaves(skip[part])):
+      np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f'{part}/{n}')
+  differ = sorted({n.split('/')[0] for (n, a), (_, b) in zip(optim.named_leaves(full['batch_stats']),
+                                                            optim.named_leaves(skip['batch_stats']))
+                   if not np.allclose(a, b, atol=1e-7)})
+  assert differ == ['img_projector', 'text_projector'], differ
