@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUN=runs/local SEED=0 STEPS="" ABLATION=all DRY=0 TRAIN_IMAGES=4000 VAL_IMAGES=200 VAL_SEED=1
+RUN=runs/local SEED=0 STEPS="" ABLATION=all DRY=0 TRAIN_IMAGES=20000 VAL_IMAGES=200 VAL_SEED=1
 usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,7 +32,7 @@ t0=$(date +%s)
 stage "1/6 venv and install (cached after the first run)"
 run bash launch/setup_venv.sh run
 stage "2/6 synthetic caption dataset -> tfds array_record (train) and a held-out VOC-layout split"
-run "$PY" -m ovseg_jax.data.synthetic --output "$RUN/data" --split train --num_images "$TRAIN_IMAGES" --seed 0 --format tfds
+run "$PY" -m ovseg_jax.data.synthetic --output "$RUN/data" --split train --num_images "$TRAIN_IMAGES" --seed 0 --format tfds --num_workers 2
 run "$PY" -m ovseg_jax.data.synthetic --output "$RUN/val" --split val --num_images "$VAL_IMAGES" --seed "$VAL_SEED" --format voc
 stage "3/6 train configs/tiny.py:$VARIANT (contrast + entity + mask with EMA teacher)"
 run "$PY" -m ovseg_jax.train --config="configs/tiny.py:$VARIANT" --workdir="$RUN/train" \
