@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
       image_size=224,
       crop_scale=(0.4, 1.0),           # stage-2 RandomResizedCrop scale; stage 1 uses deit_aug
       deit_aug=True,                   # stage-1 DeiT recipe: RandAugment + random erasing
+      channel_shuffle=False,           # random RGB permutation (not official; tiny's synthetic data)
       entity_mode='official',
       num_workers=8,
       read_threads=2,                  # threads per grain worker (PIL decode releases the GIL)

@@ -202,6 +202,24 @@ def test_augment_primitives():
   im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8))
   out = augment.rand_augment(im, rng)
   assert out.size == (40, 40) and out.mode == 'RGB'
+  # channel shuffle: each output channel is one input channel, and all six orders occur
+  arr = np.asarray(im)
+  orders = set()
+  for _ in range(60):
+    sh = augment.shuffle_channels(arr, rng)
+    order = tuple(next(j for j in range(3) if np.array_equal(sh[..., i], arr[..., j])) for i in range(3))
+    assert sorted(order) == [0, 1, 2]
+    orders.add(order)
+  assert len(orders) == 6
+  assert isinstance(augment.shuffle_channels(im, rng), Image.Image)
+
+
+def test_channel_shuffle_option_changes_only_the_colours(data_dir):
+  plain = next(pipeline.make_train_iterator(_config(data_dir), process_index=0, process_count=1))
+  shuffled = next(pipeline.make_train_iterator(_config(data_dir, channel_shuffle=True), process_index=0,
+                                               process_count=1))
+  assert np.array_equal(plain['text_ids'], shuffled['text_ids'])
+  assert not np.allclose(plain['image'], shuffled['image'])
 
 
 def test_worker_processes_match_in_process(data_dir):

@@ -152,11 +152,29 @@ def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float = 0.25, 
   return x
 
 
+def shuffle_channels(im, rng: np.random.Generator):
+  """A random permutation of the RGB channels (a PIL image or uint8 [H, W, 3] array -> same kind).
+
+  Not in the authors' recipe: the embedded synthetic dataset holds its (class, colour) pairs out, so colour is a
+  shortcut there; permuting channels leaves shapes and patterns and takes hue away (configs/tiny.py).
+  """
+  arr = np.asarray(im)
+  out = arr[..., rng.permutation(3)]
+  return Image.fromarray(out) if isinstance(im, Image.Image) else out
+
+
 def train_image(data: bytes, rng: np.random.Generator, size: int, *, deit: bool,
-                crop_scale=(0.4, 1.0)) -> np.ndarray:
-  """Encoded image -> augmented, normalised float32 [size, size, 3] (stage-1 DeiT or stage-2 recipe)."""
+                crop_scale=(0.4, 1.0), channel_shuffle: bool = False) -> np.ndarray:
+  """Encoded image -> augmented, normalised float32 [size, size, 3] (stage-1 DeiT or stage-2 recipe).
+
+  channel_shuffle: also permute the RGB channels at random (`shuffle_channels`).
+  """
   if deit:
     im = decode_crop_resize(data, rng, size, (0.08, 1.0))
     im = rand_augment(im, rng)
-    return random_erasing(normalize(im), rng)
-  return normalize(decode_crop_resize(data, rng, size, tuple(crop_scale)))
+  else:
+    im = decode_crop_resize(data, rng, size, tuple(crop_scale))
+  if channel_shuffle:
+    im = shuffle_channels(im, rng)
+  x = normalize(im)
+  return random_erasing(x, rng) if deit else x

@@ -71,11 +71,12 @@ class ExampleTransform:
 
   def __init__(self, *, path: str, split: str, image_size: int, crop_scale, deit_aug: bool, entity_mode: str,
                vocab: dict, max_length: int, prompt_template: str = entities_lib.CROSS_PROMPT,
-               answer_template: str = '', with_ids: bool = False):
+               answer_template: str = '', with_ids: bool = False, channel_shuffle: bool = False):
     self.path, self.split = path, split
     self.image_size, self.crop_scale, self.deit_aug = int(image_size), tuple(crop_scale), bool(deit_aug)
     self.entity_mode, self.vocab, self.max_length, self.with_ids = entity_mode, vocab, max_length, with_ids
     self.prompt_template = prompt_template
+    self.channel_shuffle = bool(channel_shuffle)
     self.answer_template = answer_template  # '' = a random ImageNet template prefix per example (official)
     self._source = self._index = self._tok = self._ex = None
     self._errors = self._calls = 0
@@ -108,7 +109,8 @@ class ExampleTransform:
     return rec['image'], caption, ents
 
   def _image(self, data, rng):
-    return augment.train_image(data, rng, self.image_size, deit=self.deit_aug, crop_scale=self.crop_scale)
+    return augment.train_image(data, rng, self.image_size, deit=self.deit_aug, crop_scale=self.crop_scale,
+                               channel_shuffle=self.channel_shuffle)
 
   def __call__(self, idx, rng: np.random.Generator):
     if self._ex is None:
@@ -279,7 +281,8 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
                                deit_aug=d.deit_aug, entity_mode=d.entity_mode, vocab=vocab,
                                max_length=config.model.text.max_length,
                                prompt_template=d.get('prompt_template', entities_lib.CROSS_PROMPT),
-                               answer_template=d.get('answer_template', ''), with_ids=with_ids)
+                               answer_template=d.get('answer_template', ''), with_ids=with_ids,
+                               channel_shuffle=d.get('channel_shuffle', False))
   seed = int(d.shuffle_seed)
   ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
   ds = ds.random_map(transform, seed=seed + 1)
