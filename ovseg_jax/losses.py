@@ -8,6 +8,7 @@ Sharding: the functions take the *global* batch (one logits matrix over all devi
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -331,6 +332,11 @@ def mask_consistency_loss(online_q: jax.Array, teacher_q: jax.Array, teacher_k: 
 
 # --------------------------------------------------------------------------------------------- total
 
+def paper_single_mask_start(total_steps: int, mask_start_fraction: float) -> int:
+  """First step with lambda > 0 under 'paper_single': ceil(mask_start_fraction * total_steps)."""
+  return int(math.ceil(mask_start_fraction * total_steps))
+
+
 def mask_loss_weight(step: jax.Array | int, total_steps: int, recipe: str, mask_weight: float,
                      mask_start_fraction: float, stage: int = 1) -> jax.Array:
   """lambda of Eq. 13 at `step`.
@@ -349,7 +355,7 @@ def mask_loss_weight(step: jax.Array | int, total_steps: int, recipe: str, mask_
     float32 scalar.
   """
   if recipe == 'paper_single':
-    start = mask_start_fraction * total_steps
+    start = paper_single_mask_start(total_steps, mask_start_fraction)
     return jnp.where(jnp.asarray(step) >= start, jnp.float32(mask_weight), jnp.float32(0.0))
   if recipe == 'two_stage':
     if stage not in (1, 2):

@@ -27,7 +27,6 @@ yet the frozen text encoder still runs in train mode with dropout (official).
 """
 
 import functools
-import math
 from typing import Any, Callable
 
 import chex
@@ -210,16 +209,16 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
 def mask_phase_start(config: ml_collections.ConfigDict, total_steps: int) -> int:
   """First step whose update needs the mask branch (0: every step; total_steps: none).
 
-  Under the paper_single recipe lambda is 0 before mask_start_fraction * total_steps, and there the mask
+  Under the paper_single recipe lambda is 0 before `losses.paper_single_mask_start`, and there the mask
   branch would only cost a teacher forward and a matching whose loss is multiplied by 0 (its one side
-  effect, the img_projector BN running statistics of the cross images, is left out). The trainer runs a
-  step compiled without it until this step.
+  effect, the img_projector / text_projector BN running statistics of the cross images and cross-entity
+  prompts, is left out). The trainer runs a step compiled without it until this step.
   """
   if not uses_teacher(config):
     return total_steps
   if config.recipe != 'paper_single':
     return 0
-  return min(total_steps, int(math.ceil(config.loss.mask_start_fraction * total_steps)))
+  return min(total_steps, losses.paper_single_mask_start(total_steps, config.loss.mask_start_fraction))
 
 
 def train_step(state: dict, batch: dict, rng: jax.Array, *, config: ml_collections.ConfigDict,

@@ -15,16 +15,13 @@ import sys
 import numpy as np
 from PIL import Image
 
+from tests import train_fixtures as tf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
-SMALL = [  # tiny.py shrunk so that the run compiles in seconds (as tests/test_sweep.py)
-    'model.vision.width=32', 'model.vision.depths=(1, 1)', 'model.vision.num_heads=2',
-    'model.binding.num_group_tokens=8', 'model.binding.num_output_groups=4', 'model.text.width=32',
-    'model.text.num_layers=1', 'model.text.num_heads=2', 'model.text.intermediate=64', 'model.text.max_length=16',
-    'model.proj.hidden=64', 'model.proj.out=32', 'model.decoder.num_heads=2', 'model.vision.img_size=32',
-    'data.image_size=32', 'train.global_batch_size=8', 'train.peak_tflops_per_device=1.0',
-    'train.log_every_steps=1', 'train.checkpoint_every_steps=1000', 'optim.base_lr=2e-3',
-    'eval.short_side=64', 'eval.window=64', 'eval.stride=32',
+SMALL = tf.CLI_SMALL + [  # tiny.py shrunk (tests/train_fixtures.py), plus this test's settings
+    'train.checkpoint_every_steps=1000', 'optim.base_lr=2e-3', 'eval.short_side=64', 'eval.window=64',
+    'eval.stride=32',
 ]
 
 

@@ -14,15 +14,10 @@ import sys
 import pytest
 
 from ovseg_jax import sweep
+from tests import train_fixtures as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = [  # tiny.py shrunk so that a 1-step run compiles in seconds (the same as tests/test_multihost.py)
-    'model.vision.width=32', 'model.vision.depths=(1, 1)', 'model.vision.num_heads=2', 'model.vision.img_size=32',
-    'model.binding.num_group_tokens=8', 'model.binding.num_output_groups=4', 'model.text.width=32',
-    'model.text.num_layers=1', 'model.text.num_heads=2', 'model.text.intermediate=64', 'model.text.max_length=16',
-    'model.proj.hidden=64', 'model.proj.out=32', 'model.decoder.num_heads=2', 'data.image_size=32',
-    'train.global_batch_size=8', 'train.peak_tflops_per_device=1.0', 'train.log_every_steps=1',
-]
+SMALL = tf.CLI_SMALL  # tiny.py shrunk so that a 1-step run compiles in seconds
 
 
 def _cli(*args, env=None):

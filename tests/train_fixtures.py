@@ -15,6 +15,16 @@ from ovseg_jax import tokenizer as tokenizer_lib
 from ovseg_jax import train_data
 
 
+# The same shrinking as `key=value` overrides for the CLIs (trainer, sweep) that tests run as subprocesses.
+CLI_SMALL = [
+    'model.vision.width=32', 'model.vision.depths=(1, 1)', 'model.vision.num_heads=2', 'model.vision.img_size=32',
+    'model.binding.num_group_tokens=8', 'model.binding.num_output_groups=4', 'model.text.width=32',
+    'model.text.num_layers=1', 'model.text.num_heads=2', 'model.text.intermediate=64', 'model.text.max_length=16',
+    'model.proj.hidden=64', 'model.proj.out=32', 'model.decoder.num_heads=2', 'data.image_size=32',
+    'train.global_batch_size=8', 'train.peak_tflops_per_device=1.0', 'train.log_every_steps=1',
+]
+
+
 def small_config(*, stage: int = 2, batch: int = 8, steps: int = 6, mesh=(('data', -1), ('fsdp', 1)),
                  **train_overrides):
   """A stage-2 (three losses, frozen-free) tiny run; `mesh` and config.train keys may be overridden."""
