@@ -9,6 +9,12 @@ For `--num_images` synthetic images rendered at the model's training size, with 
   * group-level accuracy: for each output group whose hard-assigned patches are mostly one object class, whether
     its best class by cos(group, class) is that class.
 Chance is about 0.33 and 0.17. mIoU needs both high, plus a clean background/foreground split.
+
+It also splits the mIoU loss by stage (pixels at the training size, ignore band excluded):
+  * `model`: Eq. 1 with the background threshold (`eval.bg_threshold`), as evaluate does per window;
+  * `oracle groups`: every group labelled with the majority ground truth of its pixels (the grouping's ceiling);
+  * `oracle fg`: groups whose majority is background stay background, the others take the model's best class;
+  * `patch ceiling`: every patch labelled with its majority ground truth (the resolution's ceiling).
 """
 
 import argparse
@@ -40,6 +46,10 @@ def main():
   grid = size // patch
   classes = unit(seg.text_embedding(synthetic.SHAPES))
   recall, hits, groups = [], 0, 0
+  n_cls = len(synthetic.SHAPES) + 1
+  cms = {k: np.zeros((n_cls, n_cls), np.int64) for k in ('model', 'oracle groups', 'oracle fg', 'patch ceiling')}
+  used = []
+  scale = seg.model.apply(seg.variables, method=OVSegmentor.logit_scale_exp)
   for i in range(a.num_images):
     ex = synthetic.make_example(a.seed, a.split, i, 64, 96)
     x = augment.normalize(Image.fromarray(ex['image']).resize((size, size), Image.BILINEAR))[None]
@@ -58,10 +68,38 @@ def main():
       if major:
         groups += 1
         hits += int(np.argmax(classes @ zg[k]) + 1 == major)
+    _score_stages(cms, used, ex['label'], out, classes, scale, size, patch, float(seg.eval_config.bg_threshold))
   off = (classes @ classes.T)[~np.eye(len(classes), dtype=bool)].mean()
   print(f'{a.split} seed {a.seed}, {a.num_images} images: image-level recall {np.mean(recall):.3f}, '
         f'group-level accuracy {hits / max(groups, 1):.3f} over {groups} object groups, '
         f'mean cos between class embeddings {off:.3f}')
+  print(f'groups used per image {np.mean(used):.2f}; mIoU by stage (per class: background, {", ".join(synthetic.SHAPES)}):')
+  for name, cm in cms.items():
+    iou = np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1) - np.diag(cm), 1)
+    print(f'  {name:14s} {100 * iou.mean():5.1f}  {np.round(100 * iou, 1).tolist()}')
+
+
+def _score_stages(cms, used, label, out, classes, scale, size, patch, bg_threshold):
+  """Adds one image to the four confusion matrices of the module docstring."""
+  grid = size // patch
+  lab = np.asarray(Image.fromarray(label).resize((size, size), Image.NEAREST)).astype(np.int64)
+  valid = lab != synthetic.IGNORE
+  owner = np.kron(np.asarray(out['soft'][0]).argmax(0).reshape(grid, grid), np.ones((patch, patch), int))
+  used.append(len(np.unique(owner)))
+  logits = inference.eq1_logits(out['soft'], (grid, grid), out['image_feat'], out['image_x'],
+                                np.asarray(classes, np.float32), scale, (size, size), bg_threshold=bg_threshold)
+  k = out['image_feat'].shape[1]
+  major = np.array([np.bincount(lab[(owner == g) & valid], minlength=len(cms['model'])).argmax()
+                    if ((owner == g) & valid).any() else 0 for g in range(k)])
+  best = np.argmax(unit(out['image_feat'][0]) @ classes.T, axis=1) + 1
+  blocks = lab.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
+  patch_major = np.array([[np.bincount(b[b != synthetic.IGNORE], minlength=len(cms['model'])).argmax()
+                           if (b != synthetic.IGNORE).any() else 0 for b in row] for row in blocks])
+  preds = {'model': np.asarray(logits[0]).argmax(0), 'oracle groups': major[owner],
+           'oracle fg': np.where(major[owner] > 0, best[owner], 0),
+           'patch ceiling': np.kron(patch_major, np.ones((patch, patch), int))}
+  for name, pred in preds.items():
+    np.add.at(cms[name], (lab[valid], pred[valid]), 1)
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ def model_config(*, width: int, depth: int = 12, heads: int = 8, text_width: int
   m.vision = ml_collections.ConfigDict(dict(
       img_size=img_size,               # training resolution; eval resizes the pos-embed bicubically
       patch_size=patch_size,
+      stem_channels=(),                # () = the authors' linear patch embed; see vit.PatchEmbed
       width=width,
       depths=(depth // 2, depth - depth // 2),  # blocks before / after the binding module
       num_heads=heads,                 # official: DINO's ViT-B qkv run as 8 heads (head dim 96)

@@ -9,6 +9,7 @@ is consistent, and that the training loss goes down. Learning quality is measure
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,3 +72,7 @@ def test_every_stage_connects_and_the_loss_goes_down(tmp_path):
   assert names == ['val_000000.png', 'val_000001.png']
   with Image.open(os.path.join(pictures, names[0])) as im:
     assert im.width > 4 * 64 and im.height > 64                   # four panels side by side
+  diagnosis = _run('bench.e2e_diagnose', '--checkpoint', export, '--num_images', '3').stdout
+  stages = re.findall(r'^  (model|oracle groups|oracle fg|patch ceiling) +([0-9.]+)  \[', diagnosis, re.M)
+  assert [name for name, _ in stages] == ['model', 'oracle groups', 'oracle fg', 'patch ceiling'], diagnosis
+  assert all(0.0 <= float(value) <= 100.0 for _, value in stages)

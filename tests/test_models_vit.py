@@ -103,3 +103,24 @@ def test_patch_embed_is_the_torch_conv_and_rejects_tiny_images():
     pe.apply(params, img[:, :3])
   with pytest.raises(ValueError, match='NHWC'):
     pe.apply(params, img.transpose(0, 3, 1, 2))
+
+
+def test_conv_stem_patch_embed_is_the_torch_stack_and_keeps_the_grid():
+  """stem_channels=(c1, c2): conv3x3/2 + ReLU twice, then a (p/4)x(p/4) conv: torch's Sequential, same grid."""
+  torch = pytest.importorskip('torch')
+  img = np.random.default_rng(4).normal(size=(2, 16, 24, 3)).astype(np.float32)
+  pe = vit.PatchEmbed(8, 6, stem_channels=(4, 5))
+  params = pe.init(jax.random.PRNGKey(0), img)['params']
+  assert sorted(params) == ['proj', 'stem_0', 'stem_1']
+  tokens, grid = pe.apply({'params': params}, img)
+  layers = [torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.Conv2d(5, 6, 2, 2)]
+  with torch.no_grad():
+    for conv, name in zip(layers[::2], ('stem_0', 'stem_1', 'proj')):
+      conv.weight.copy_(torch.tensor(np.asarray(params[name]['kernel']).transpose(3, 2, 0, 1)))
+      conv.bias.copy_(torch.tensor(np.asarray(params[name]['bias'])))
+    ref = torch.nn.Sequential(*layers)(torch.from_numpy(img).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+  assert grid == (2, 3)
+  np.testing.assert_allclose(tokens, ref.numpy(), atol=1e-5)
+  with pytest.raises(ValueError, match='not divisible by 2\\^2'):
+    vit.PatchEmbed(6, 6, stem_channels=(4, 5)).init(jax.random.PRNGKey(0), img)

@@ -122,6 +122,9 @@ def official_layout(model_config) -> list[tuple[str, tuple, str]]:
                      '(it always has a token MLP from num_group_tokens to fewer output groups)')
   if not m.vision.qkv_bias:
     raise ValueError('vision.qkv_bias=False has no counterpart in the authors\' layout (their qkv has a bias)')
+  if tuple(m.vision.get('stem_channels', ())):
+    raise ValueError(f'vision.stem_channels={tuple(m.vision.stem_channels)}: the authors\' layout has a plain '
+                     'patch embed and no conv stem; use the inference export (the default --format)')
   keys = [('logit_scale', ()), ('logit_scale_mask', ())] + _visual('img_encoder', m)
   keys += _bert(TEXT_PREFIX, m.text)
   keys += _projector('img_projector', c, m) + _projector('text_projector', m.text.width, m)

@@ -44,7 +44,8 @@ class VisualEncoder(nn.Module):
     block = lambda i, name: block_cls(vc.num_heads, vc.mlp_ratio, vc.qkv_bias, vc.ln_eps, float(rates[i]),  # noqa: E731
                                       dtype, name=name)
 
-    x, grid = vit.PatchEmbed(vc.patch_size, width, dtype, name='patch_embed')(images.astype(dtype))
+    x, grid = vit.PatchEmbed(vc.patch_size, width, dtype, tuple(vc.get('stem_channels', ())),
+                             name='patch_embed')(images.astype(dtype))
     pos = self.param('pos_embed', vit.INIT, (side * side, width), jnp.float32)
     x = x + vit.resize_pos_embed(pos, grid).astype(dtype)[None]
     b, num_patches = x.shape[0], x.shape[1]

@@ -202,10 +202,17 @@ class CrossAttnBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  """Conv p x p, stride p (PyTorch `Conv2d(3, C, p, p)`): [B, H, W, 3] -> ([B, h*w, C], (h, w))."""
+  """Conv p x p, stride p (PyTorch `Conv2d(3, C, p, p)`): [B, H, W, 3] -> ([B, h*w, C], (h, w)).
+
+  stem_channels: () is the authors' layout. (c1, ..., cn) puts n conv 3x3 / stride 2 + ReLU layers in front
+  (an "early convolutions" stem, Xiao et al. 2021), and `proj` becomes a (p / 2^n) x (p / 2^n) conv: same
+  grid, same token width. Not in the paper; configs/tiny.py uses it because a from-scratch ViT learns the
+  synthetic textures faster with it (README, issue 6).
+  """
   patch_size: int
   width: int
   dtype: Dtype = jnp.float32
+  stem_channels: tuple = ()
 
   @nn.compact
   def __call__(self, images: jnp.ndarray):
@@ -214,7 +221,15 @@ class PatchEmbed(nn.Module):
       raise ValueError(f'images must be [B, H, W, 3] (NHWC), got shape {images.shape}')
     if images.shape[1] < p or images.shape[2] < p:
       raise ValueError(f'image {images.shape[1]}x{images.shape[2]} is smaller than one {p}x{p} patch')
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='proj')(images)
+    x = images
+    for i, ch in enumerate(self.stem_channels):
+      x = nn.relu(nn.Conv(int(ch), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                          name=f'stem_{i}')(x))
+    q = p // 2 ** len(self.stem_channels)
+    if q < 1 or q * 2 ** len(self.stem_channels) != p:
+      raise ValueError(f'patch_size {p} is not divisible by 2^{len(self.stem_channels)} '
+                       f'(vision.stem_channels={tuple(self.stem_channels)})')
+    x = nn.Conv(self.width, (q, q), strides=(q, q), padding='VALID', dtype=self.dtype, name='proj')(x)
     b, h, w, c = x.shape
     return x.reshape(b, h * w, c), (h, w)
 
