@@ -3,6 +3,7 @@
   python -m bench.probe_encoder --steps 1000 --train_images 20000            # configs/tiny.py's encoder
   python -m bench.probe_encoder --steps 600 --patch_size 4 --lr 5e-4
   python -m bench.probe_encoder --steps 300 --labels colour                  # the easy control
+  python -m bench.probe_encoder --steps 750 --channel_shuffle --stem_channels=''   # linear patch embed
 
 Trains configs/tiny.py's VisualEncoder (+ mean over its output groups + a linear layer) with a multi-label
 sigmoid cross-entropy on which of the six classes (or, `--labels colour`, which of the six colours) an image
@@ -61,10 +62,15 @@ def main():
   p.add_argument('--train_images', type=int, default=6000)
   p.add_argument('--labels', choices=('class', 'colour'), default='class')
   p.add_argument('--every', type=int, default=250)
+  p.add_argument('--stem_channels', default=None,
+                 help="comma-separated conv stem widths, '' for the linear patch embed (default: configs/tiny.py's)")
+  p.add_argument('--channel_shuffle', action='store_true', help='permute the RGB channels of every training batch')
   a = p.parse_args()
   cfg = tiny.get_config()
   cfg.unlock()
   cfg.model.vision.patch_size = a.patch_size
+  if a.stem_channels is not None:
+    cfg.model.vision.stem_channels = tuple(int(c) for c in a.stem_channels.split(',') if c.strip())
   size = cfg.model.vision.img_size
   t0 = time.time()
   xtr, ytr = make_set('train', a.train_images, 0, size, a.labels)
@@ -90,7 +96,10 @@ def main():
   t0 = time.time()
   for s in range(1, a.steps + 1):
     idx = rng.integers(0, len(xtr), a.batch)
-    params, opt, loss = step(params, opt, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]), jax.random.key(s))
+    xb = xtr[idx]
+    if a.channel_shuffle:  # on normalised images: a permutation up to the per-channel mean/std
+      xb = np.stack([x[..., rng.permutation(3)] for x in xb])
+    params, opt, loss = step(params, opt, jnp.asarray(xb), jnp.asarray(ytr[idx]), jax.random.key(s))
     if s % a.every == 0 or s == a.steps:
       parts = [f'step {s}', f'train loss {float(loss):.3f}']
       for name, (x, y) in sets.items():
