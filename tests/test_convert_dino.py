@@ -72,7 +72,7 @@ class _DinoViT(torch.nn.Module):
 
 def _model_config():
   m = ml_collections.ConfigDict(tiny.get_config().model.to_dict())
-  m.vision.update(width=WIDTH, depths=DEPTHS, num_heads=HEADS, patch_size=16, img_size=224)
+  m.vision.update(width=WIDTH, depths=DEPTHS, num_heads=HEADS, patch_size=16, img_size=224, stem_channels=())
   return m
 
 
@@ -175,5 +175,9 @@ def test_vit_s16_layout_and_errors(golden_dir):
   short = {k: v for k, v in sd.items() if not k.startswith('blocks.11.')}
   with pytest.raises(ValueError, match='has 11 blocks'):
     dino.dino_to_params(short, mc)
+  stem = mc.copy_and_resolve_references()
+  stem.vision.stem_channels = (32, 64)
+  with pytest.raises(ValueError, match='no conv stem'):
+    dino.dino_to_params(sd, stem)
   with pytest.raises(ValueError, match=r'pos_embed: shape \(196, 64\).*\(196, 384\)'):
     dino.load_dino(os.path.join(golden_dir, 'fake_dino.pth'), mc)

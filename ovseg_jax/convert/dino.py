@@ -59,6 +59,9 @@ def dino_to_params(sd: dict, model_config) -> dict:
   d1 = vc.depths[0]
   if 'pos_embed' not in sd or 'patch_embed.proj.weight' not in sd:
     raise ValueError('not a DINO ViT state dict: pos_embed / patch_embed.proj.weight missing')
+  if tuple(vc.get('stem_channels', ())):
+    raise ValueError(f'config.model.vision.stem_channels={tuple(vc.stem_channels)}: DINO has a plain patch embed '
+                     'and no conv stem; set --config.model.vision.stem_channels="()" to load it')
   nblocks = official.count_indexed('blocks.', sd)
   if nblocks != sum(vc.depths):
     raise ValueError(f'DINO checkpoint has {nblocks} blocks but config.model.vision.depths={tuple(vc.depths)} '
