@@ -33,6 +33,12 @@ def unit(x: np.ndarray) -> np.ndarray:
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def majority(labels: np.ndarray) -> int | None:
+  """Most frequent label among the non-ignore pixels (0 = background), None when there are none."""
+  labels = labels[labels != synthetic.IGNORE]
+  return int(np.bincount(labels, minlength=len(synthetic.SHAPES) + 1).argmax()) if labels.size else None
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,14 +67,12 @@ def main():
     owner = np.asarray(out['soft'][0]).argmax(0).reshape(grid, grid)
     label = np.asarray(Image.fromarray(ex['label']).resize((grid, grid), Image.NEAREST))
     for k in range(zg.shape[0]):
-      px = label[(owner == k) & (label != synthetic.IGNORE)]
-      if px.size == 0:
-        continue
-      major = int(np.bincount(px, minlength=len(synthetic.SHAPES) + 1).argmax())
+      major = majority(label[owner == k])
       if major:
         groups += 1
         hits += int(np.argmax(classes @ zg[k]) + 1 == major)
-    _score_stages(cms, used, ex['label'], out, classes, scale, size, patch, float(seg.eval_config.bg_threshold))
+    _score_stages(cms, used, ex['label'], out, zg, classes, scale, size, patch,
+                  float(seg.eval_config.bg_threshold))
   off = (classes @ classes.T)[~np.eye(len(classes), dtype=bool)].mean()
   print(f'{a.split} seed {a.seed}, {a.num_images} images: image-level recall {np.mean(recall):.3f}, '
         f'group-level accuracy {hits / max(groups, 1):.3f} over {groups} object groups, '
@@ -79,8 +83,8 @@ def main():
     print(f'  {name:14s} {100 * iou.mean():5.1f}  {np.round(100 * iou, 1).tolist()}')
 
 
-def _score_stages(cms, used, label, out, classes, scale, size, patch, bg_threshold):
-  """Adds one image to the four confusion matrices of the module docstring."""
+def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_threshold):
+  """Adds one image to the four confusion matrices of the module docstring (zg: unit group embeddings)."""
   grid = size // patch
   lab = np.asarray(Image.fromarray(label).resize((size, size), Image.NEAREST)).astype(np.int64)
   valid = lab != synthetic.IGNORE
@@ -88,13 +92,10 @@ def _score_stages(cms, used, label, out, classes, scale, size, patch, bg_thresho
   used.append(len(np.unique(owner)))
   logits = inference.eq1_logits(out['soft'], (grid, grid), out['image_feat'], out['image_x'],
                                 np.asarray(classes, np.float32), scale, (size, size), bg_threshold=bg_threshold)
-  k = out['image_feat'].shape[1]
-  major = np.array([np.bincount(lab[(owner == g) & valid], minlength=len(cms['model'])).argmax()
-                    if ((owner == g) & valid).any() else 0 for g in range(k)])
-  best = np.argmax(unit(out['image_feat'][0]) @ classes.T, axis=1) + 1
+  major = np.array([majority(lab[owner == g]) or 0 for g in range(zg.shape[0])])
+  best = np.argmax(zg @ classes.T, axis=1) + 1
   blocks = lab.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
-  patch_major = np.array([[np.bincount(b[b != synthetic.IGNORE], minlength=len(cms['model'])).argmax()
-                           if (b != synthetic.IGNORE).any() else 0 for b in row] for row in blocks])
+  patch_major = np.array([[majority(b) or 0 for b in row] for row in blocks])
   preds = {'model': np.asarray(logits[0]).argmax(0), 'oracle groups': major[owner],
            'oracle fg': np.where(major[owner] > 0, best[owner], 0),
            'patch ceiling': np.kron(patch_major, np.ones((patch, patch), int))}

@@ -97,8 +97,8 @@ def main():
   for s in range(1, a.steps + 1):
     idx = rng.integers(0, len(xtr), a.batch)
     xb = xtr[idx]
-    if a.channel_shuffle:  # on normalised images: a permutation up to the per-channel mean/std
-      xb = np.stack([x[..., rng.permutation(3)] for x in xb])
+    if a.channel_shuffle:  # on normalised images: the pipeline's permutation, up to the per-channel mean/std
+      xb = np.stack([augment.shuffle_channels(x, rng) for x in xb])
     params, opt, loss = step(params, opt, jnp.asarray(xb), jnp.asarray(ytr[idx]), jax.random.key(s))
     if s % a.every == 0 or s == a.steps:
       parts = [f'step {s}', f'train loss {float(loss):.3f}']

@@ -221,14 +221,14 @@ class PatchEmbed(nn.Module):
       raise ValueError(f'images must be [B, H, W, 3] (NHWC), got shape {images.shape}')
     if images.shape[1] < p or images.shape[2] < p:
       raise ValueError(f'image {images.shape[1]}x{images.shape[2]} is smaller than one {p}x{p} patch')
+    q, r = divmod(p, 2 ** len(self.stem_channels))   # each stem layer halves the resolution
+    if q < 1 or r:
+      raise ValueError(f'patch_size {p} is not divisible by 2^{len(self.stem_channels)} '
+                       f'(vision.stem_channels={tuple(self.stem_channels)})')
     x = images
     for i, ch in enumerate(self.stem_channels):
       x = nn.relu(nn.Conv(int(ch), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
                           name=f'stem_{i}')(x))
-    q = p // 2 ** len(self.stem_channels)
-    if q < 1 or q * 2 ** len(self.stem_channels) != p:
-      raise ValueError(f'patch_size {p} is not divisible by 2^{len(self.stem_channels)} '
-                       f'(vision.stem_channels={tuple(self.stem_channels)})')
     x = nn.Conv(self.width, (q, q), strides=(q, q), padding='VALID', dtype=self.dtype, name='proj')(x)
     b, h, w, c = x.shape
     return x.reshape(b, h * w, c), (h, w)
