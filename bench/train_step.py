@@ -2,7 +2,8 @@
 
   python -m bench.train_step --config=configs/vits.py --batch_size=8
       one JSON line: img/s, median step seconds after warm-up, model GFLOPs per step (XLA cost analysis of
-      the compiled step), and MFU against a float32 matmul peak measured in the same run.
+      the compiled step), and MFU against a float32 matmul peak measured in the same run; `--reference` adds
+      a plain linen ViT-S/16 forward + backward at the same batch (bench/plain_vit.py) against that peak.
   python -m bench.train_step --config=configs/vitb.py --memory --devices=64 --batch_size=2048
       one JSON line per mesh (replicated = data parallel, fsdp = all devices on the 'fsdp' axis): per-device
       bytes of the compiled step from `jit(...).lower(abstract).compile().memory_analysis()`; nothing is
@@ -28,6 +29,8 @@ def _parse():
   p.add_argument('--devices', type=int, default=1, help='fake CPU devices')
   p.add_argument('--matmul_n', type=int, default=2048, help='size of the peak-measuring matmul')
   p.add_argument('--meshes', default='replicated,fsdp', help='memory mode: which meshes')
+  p.add_argument('--reference', action='store_true',
+                 help='also time a plain linen ViT-S/16 forward+backward at the same batch (bench/plain_vit.py)')
   return p.parse_args()
 
 
@@ -38,6 +41,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from bench import plain_vit  # noqa: E402  pylint: disable=g-import-not-at-top
 from ovseg_jax import optim  # noqa: E402  pylint: disable=g-import-not-at-top
 from ovseg_jax import sharding  # noqa: E402  pylint: disable=g-import-not-at-top
 from ovseg_jax import tokenizer as tokenizer_lib  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -124,14 +128,18 @@ def speed() -> None:
     state, m = compiled(state, batches[i % 2], rng)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
+  ref = plain_vit.time_fwd_bwd(ARGS.batch_size, ARGS.steps) if ARGS.reference else None
   peak = train_lib.measure_matmul_peak(ARGS.matmul_n)
   sec = float(np.median(times))
+  extra = {} if ref is None else dict(
+      plain_vit_s16_step_s=round(ref['step_s'], 4), plain_vit_s16_gflops=round(ref['gflops'], 2),
+      plain_vit_s16_mfu=round(ref['gflops'] * 1e9 / ref['step_s'] / peak, 4))
   print(json.dumps(dict(
       bench='train_step', config=ARGS.config, stage=config.stage, batch_size=ARGS.batch_size,
       devices=jax.device_count(), img_per_s=round(ARGS.batch_size / sec, 3), step_s=round(sec, 4),
       step_s_all=[round(x, 4) for x in times], gflops_per_step=round(flops / 1e9, 2),
       matmul_peak_gflops=round(peak / 1e9, 1), mfu=round(flops / sec / peak, 4),
-      compile_s=round(compile_s, 1), loss=float(m['loss']))), flush=True)
+      compile_s=round(compile_s, 1), loss=float(m['loss']), **extra)), flush=True)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,91 @@
+"""A plain linen ViT-S/16 forward + backward: the MFU reference the Performance issue quotes (~55 % here).
+
+Nothing of ovseg_jax: a textbook ViT-S/16 (224 px, 197 tokens, 12 blocks, width 384, 6 heads, MLP 1536,
+pre-LN, GELU, a 1000-way head on [CLS]) and the gradient of its softmax cross-entropy, jitted once. It tells
+how much of the matmul peak XLA-CPU reaches on the simplest model of that size, so that the OVSegmentor
+step's MFU (`python -m bench.train_step`) can be read against it in the same run.
+
+    python -m bench.plain_vit [--batch_size 8] [--steps 3]
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Block(nn.Module):
+  width: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(x))
+    x = x + y
+    y = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
+    return x + nn.Dense(self.width)(nn.gelu(y))
+
+
+class ViT(nn.Module):
+  width: int = 384
+  depth: int = 12
+  heads: int = 6
+  patch: int = 16
+  classes: int = 1000
+
+  @nn.compact
+  def __call__(self, images):                                  # [B, 224, 224, 3] -> [B, classes]
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch)(images)
+    x = x.reshape(x.shape[0], -1, self.width)                  # [B, 196, D]
+    cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    x = x + self.param('pos', nn.initializers.normal(0.02), x.shape[1:])
+    for _ in range(self.depth):
+      x = Block(self.width, self.heads)(x)
+    return nn.Dense(self.classes)(nn.LayerNorm()(x[:, 0]))
+
+
+def time_fwd_bwd(batch_size: int = 8, steps: int = 3) -> dict:
+  """-> {'step_s': median seconds of one forward + backward, 'gflops': XLA's count for it}."""
+  model = ViT()
+  images = jax.random.normal(jax.random.key(0), (batch_size, 224, 224, 3), jnp.float32)
+  labels = jnp.arange(batch_size) % 1000
+  params = model.init(jax.random.key(1), images[:1])
+
+  def loss(p, x, y):
+    logits = model.apply(p, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(params, images, labels).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  jax.block_until_ready(compiled(params, images, labels))   # warm-up
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(params, images, labels))
+    times.append(time.perf_counter() - t)
+  return {'step_s': float(np.median(times)), 'gflops': float(cost['flops']) / 1e9}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog='python -m bench.plain_vit', description=__doc__.split('\n')[0])
+  p.add_argument('--batch_size', type=int, default=8)
+  p.add_argument('--steps', type=int, default=3)
+  args = p.parse_args(argv)
+  from ovseg_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  r = time_fwd_bwd(args.batch_size, args.steps)
+  peak = train_lib.measure_matmul_peak(2048) / 1e9
+  print(json.dumps(dict(bench='plain_vit_s16', batch_size=args.batch_size, step_s=round(r['step_s'], 4),
+                        gflops_per_step=round(r['gflops'], 2), matmul_peak_gflops=round(peak, 1),
+                        mfu=round(r['gflops'] / r['step_s'] / peak, 4))), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
