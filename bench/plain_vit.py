@@ -50,11 +50,25 @@ class ViT(nn.Module):
     return nn.Dense(self.classes)(nn.LayerNorm()(x[:, 0]))
 
 
-def time_fwd_bwd(batch_size: int = 8, steps: int = 3) -> dict:
+def analytic_gflops(batch_size: int, img: int = 224, width: int = 384, depth: int = 12, patch: int = 16,
+                    classes: int = 1000) -> float:
+  """Matmul FLOPs of forward + backward (= 3 x forward, 2 FLOPs per multiply-add), in GFLOP.
+
+  Forward per image: patch embed 2 N_p (p^2 3) D; per block 2 N (4 D^2 + 2 D 4D) + 2 (2 N^2 D) for qkv/out,
+  MLP and the two attention matmuls (N = N_p + 1 tokens); head 2 D classes.
+  """
+  n_p = (img // patch) ** 2
+  n = n_p + 1
+  fwd = 2 * n_p * patch * patch * 3 * width + depth * (2 * n * 12 * width ** 2 + 4 * n * n * width) \
+      + 2 * width * classes
+  return 3 * fwd * batch_size / 1e9
+
+
+def time_fwd_bwd(batch_size: int = 8, steps: int = 3, img: int = 224, **vit_kwargs) -> dict:
   """-> {'step_s': median seconds of one forward + backward, 'gflops': XLA's count for it}."""
-  model = ViT()
-  images = jax.random.normal(jax.random.key(0), (batch_size, 224, 224, 3), jnp.float32)
-  labels = jnp.arange(batch_size) % 1000
+  model = ViT(**vit_kwargs)
+  images = jax.random.normal(jax.random.key(0), (batch_size, img, img, 3), jnp.float32)
+  labels = jnp.arange(batch_size) % model.classes
   params = model.init(jax.random.key(1), images[:1])
 
   def loss(p, x, y):
