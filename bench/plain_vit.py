@@ -87,6 +87,12 @@ def time_fwd_bwd(batch_size: int = 8, steps: int = 3, img: int = 224, **vit_kwar
   return {'step_s': float(np.median(times)), 'gflops': float(cost['flops']) / 1e9}
 
 
+def fields(result: dict, peak_flops: float, prefix: str = '') -> dict:
+  """`time_fwd_bwd`'s result as JSON fields, MFU against a peak in FLOP/s (bench.train_step uses the prefix)."""
+  return {f'{prefix}step_s': round(result['step_s'], 4), f'{prefix}gflops': round(result['gflops'], 2),
+          f'{prefix}mfu': round(result['gflops'] * 1e9 / result['step_s'] / peak_flops, 4)}
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog='python -m bench.plain_vit', description=__doc__.split('\n')[0])
   p.add_argument('--batch_size', type=int, default=8)
@@ -94,10 +100,9 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   from ovseg_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   r = time_fwd_bwd(args.batch_size, args.steps)
-  peak = train_lib.measure_matmul_peak(2048) / 1e9
-  print(json.dumps(dict(bench='plain_vit_s16', batch_size=args.batch_size, step_s=round(r['step_s'], 4),
-                        gflops_per_step=round(r['gflops'], 2), matmul_peak_gflops=round(peak, 1),
-                        mfu=round(r['gflops'] / r['step_s'] / peak, 4))), flush=True)
+  peak = train_lib.measure_matmul_peak(2048)
+  print(json.dumps(dict(bench='plain_vit_s16', batch_size=args.batch_size, **fields(r, peak),
+                        matmul_peak_gflops=round(peak / 1e9, 1))), flush=True)
   return 0
 
 

@@ -131,9 +131,7 @@ def speed() -> None:
   ref = plain_vit.time_fwd_bwd(ARGS.batch_size, ARGS.steps) if ARGS.reference else None
   peak = train_lib.measure_matmul_peak(ARGS.matmul_n)
   sec = float(np.median(times))
-  extra = {} if ref is None else dict(
-      plain_vit_s16_step_s=round(ref['step_s'], 4), plain_vit_s16_gflops=round(ref['gflops'], 2),
-      plain_vit_s16_mfu=round(ref['gflops'] * 1e9 / ref['step_s'] / peak, 4))
+  extra = {} if ref is None else plain_vit.fields(ref, peak, prefix='plain_vit_s16_')
   print(json.dumps(dict(
       bench='train_step', config=ARGS.config, stage=config.stage, batch_size=ARGS.batch_size,
       devices=jax.device_count(), img_per_s=round(ARGS.batch_size / sec, 3), step_s=round(sec, 4),
