@@ -14,7 +14,11 @@ It also splits the mIoU loss by stage (pixels at the training size, ignore band 
   * `model`: Eq. 1 with the background threshold (`eval.bg_threshold`), as evaluate does per window;
   * `oracle groups`: every group labelled with the majority ground truth of its pixels (the grouping's ceiling);
   * `oracle fg`: groups whose majority is background stay background, the others take the model's best class;
-  * `patch ceiling`: every patch labelled with its majority ground truth (the resolution's ceiling).
+  * `patch ceiling`: every patch labelled with its majority ground truth (the resolution's ceiling);
+  * `k-means keys`: the binding's patch keys (`k`, what Eq. 4 compares with the group queries) clustered
+    per image by cosine k-means into K_out clusters, each labelled with its majority ground truth. It is the
+    partition the encoder's features allow with as many groups: far above `oracle groups` means the encoder
+    separates the objects and the learned assignment does not use it.
 """
 
 import argparse
@@ -39,6 +43,25 @@ def majority(labels: np.ndarray) -> int | None:
   return int(np.bincount(labels, minlength=len(synthetic.SHAPES) + 1).argmax()) if labels.size else None
 
 
+def kmeans_partition(features: np.ndarray, k: int, iters: int = 20, seed: int = 0) -> np.ndarray:
+  """Cosine k-means of features [L, C] -> cluster index [L] (k-means++ seeding, deterministic in `seed`)."""
+  x = unit(features)
+  rng = np.random.default_rng(seed)
+  centres = [x[rng.integers(len(x))]]
+  for _ in range(1, k):
+    dist = np.maximum(1.0 - np.max(x @ np.stack(centres).T, axis=1), 0.0)
+    if dist.sum() <= 0:  # fewer distinct features than clusters
+      break
+    centres.append(x[rng.choice(len(x), p=dist / dist.sum())])
+  centres = np.stack(centres)
+  for _ in range(iters):
+    owner = np.argmax(x @ centres.T, axis=1)
+    for j in range(len(centres)):
+      if np.any(owner == j):
+        centres[j] = unit(x[owner == j].mean(0))
+  return np.argmax(x @ centres.T, axis=1)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +76,8 @@ def main():
   classes = unit(seg.text_embedding(synthetic.SHAPES))
   recall, hits, groups = [], 0, 0
   n_cls = len(synthetic.SHAPES) + 1
-  cms = {k: np.zeros((n_cls, n_cls), np.int64) for k in ('model', 'oracle groups', 'oracle fg', 'patch ceiling')}
+  cms = {k: np.zeros((n_cls, n_cls), np.int64) for k in ('model', 'oracle groups', 'oracle fg', 'patch ceiling',
+                                                                  'k-means keys')}
   used = []
   scale = seg.model.apply(seg.variables, method=OVSegmentor.logit_scale_exp)
   for i in range(a.num_images):
@@ -96,9 +120,13 @@ def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_thr
   best = np.argmax(zg @ classes.T, axis=1) + 1
   blocks = lab.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
   patch_major = np.array([[majority(b) or 0 for b in row] for row in blocks])
+  clusters = kmeans_partition(np.asarray(out['k'][0]), zg.shape[0]).reshape(grid, grid)
+  clusters = np.kron(clusters, np.ones((patch, patch), int))
+  cluster_major = np.array([majority(lab[clusters == j]) or 0 for j in range(zg.shape[0])])
   preds = {'model': np.asarray(logits[0]).argmax(0), 'oracle groups': major[owner],
            'oracle fg': np.where(major[owner] > 0, best[owner], 0),
-           'patch ceiling': np.kron(patch_major, np.ones((patch, patch), int))}
+           'patch ceiling': np.kron(patch_major, np.ones((patch, patch), int)),
+           'k-means keys': cluster_major[clusters]}
   for name, pred in preds.items():
     np.add.at(cms[name], (lab[valid], pred[valid]), 1)
 
