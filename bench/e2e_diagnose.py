@@ -19,6 +19,7 @@ It also splits the mIoU loss by stage (pixels at the training size, ignore band 
     per image by cosine k-means into K_out clusters, each labelled with its majority ground truth. It is the
     partition the encoder's features allow with as many groups: far above `oracle groups` means the encoder
     separates the objects and the learned assignment does not use it.
+It also counts the distinct assignment queries per image (`distinct_directions` of the K_out q vectors).
 """
 
 import argparse
@@ -41,6 +42,22 @@ def majority(labels: np.ndarray) -> int | None:
   """Most frequent label among the non-ignore pixels (0 = background), None when there are none."""
   labels = labels[labels != synthetic.IGNORE]
   return int(np.bincount(labels, minlength=len(synthetic.SHAPES) + 1).argmax()) if labels.size else None
+
+
+_SAME_DIRECTION = 0.99
+
+
+def distinct_directions(vectors: np.ndarray, same: float = _SAME_DIRECTION) -> int:
+  """How many directions vectors [K, C] span: greedy clusters of cosine >= `same` to a cluster's first member.
+
+  On the binding's assignment queries q this counts the groups Eq. 4 can tell apart: collapsed queries
+  (cos ~1) tie for every patch, and argmax then gives the patch to the first of them.
+  """
+  leaders = []
+  for v in unit(vectors):
+    if not any(float(v @ l) >= same for l in leaders):
+      leaders.append(v)
+  return len(leaders)
 
 
 def kmeans_partition(features: np.ndarray, k: int, iters: int = 20, seed: int = 0) -> np.ndarray:
@@ -78,7 +95,7 @@ def main():
   n_cls = len(synthetic.SHAPES) + 1
   cms = {k: np.zeros((n_cls, n_cls), np.int64) for k in ('model', 'oracle groups', 'oracle fg', 'patch ceiling',
                                                                   'k-means keys')}
-  used = []
+  used, distinct = [], []
   scale = seg.model.apply(seg.variables, method=OVSegmentor.logit_scale_exp)
   for i in range(a.num_images):
     ex = synthetic.make_example(a.seed, a.split, i, 64, 96)
@@ -88,6 +105,7 @@ def main():
     top = np.argsort(-(classes @ unit(out['image_x'][0])))[:len(present)]
     recall.append(len(present & set(top.tolist())) / len(present))
     zg = unit(out['image_feat'][0])
+    distinct.append(distinct_directions(np.asarray(out['q'][0])))
     owner = np.asarray(out['soft'][0]).argmax(0).reshape(grid, grid)
     label = np.asarray(Image.fromarray(ex['label']).resize((grid, grid), Image.NEAREST))
     for k in range(zg.shape[0]):
@@ -101,6 +119,8 @@ def main():
   print(f'{a.split} seed {a.seed}, {a.num_images} images: image-level recall {np.mean(recall):.3f}, '
         f'group-level accuracy {hits / max(groups, 1):.3f} over {groups} object groups, '
         f'mean cos between class embeddings {off:.3f}')
+  print(f'distinct assignment queries per image (cos < {_SAME_DIRECTION}) {np.mean(distinct):.2f} of '
+        f'{seg.model_config.binding.num_output_groups}')
   print(f'groups used per image {np.mean(used):.2f}; mIoU by stage (per class: background, {", ".join(synthetic.SHAPES)}):')
   for name, cm in cms.items():
     iou = np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1) - np.diag(cm), 1)

@@ -41,6 +41,9 @@ def model_config(*, width: int, depth: int = 12, heads: int = 8, text_width: int
       assignment='gumbel_hard',        # 'gumbel_hard' (official, train) | 'soft' (paper Eq. 4)
       token_mlp_ratio=0.5,             # hidden width of the K_in->K_out token-mixing MLP, x width
       gumbel_tau=1.0,
+      group_token_std=0.02,            # init std of the K_in group tokens (official trunc_normal .02)
+      refine_iters=0,                  # >0: soft k-means rounds on the keys before Eq. 4 (not in the paper;
+      refine_scale=10.0,               #     binding.refine_queries); the cosine scale of those rounds
   ))
   m.text = ml_collections.ConfigDict(dict(
       vocab_size=vocab_size,
@@ -78,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       entity_weight=1.0,
       mask_weight=0.1,                 # lambda of Eq. 13 once the mask loss is on
+      group_diversity_weight=0.0,      # not in the paper: see losses.group_diversity_loss (0 = off)
       mask_start_fraction=0.75,        # paper_single recipe: mask loss starts after 30 of 40 epochs
       mask_cost='l2',                  # Hungarian cost: 'l2' (official cdist) | 'neg_cos' (paper)
       dice_norm='official',            # 'official' (sum_b / K) | 'mean'

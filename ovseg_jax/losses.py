@@ -330,6 +330,19 @@ def mask_consistency_loss(online_q: jax.Array, teacher_q: jax.Array, teacher_k: 
       per_device_batch=per_device_batch)
 
 
+def group_diversity_loss(queries: jax.Array) -> jax.Array:
+  """mean_b mean_{i != j} cos(q_bi, q_bj)^2 over the K assignment queries q [B, K, C] (not in the paper).
+
+  From scratch the binding's K queries collapse to one or two directions, which turns the grouping into an
+  average pool (README, issue 6); this penalty keeps them apart. Off unless config.loss.group_diversity_weight.
+  """
+  q = l2_normalize(queries.astype(jnp.float32))
+  k = q.shape[1]
+  cos = jnp.einsum('bic,bjc->bij', q, q, precision=_HIGHEST)
+  off = jnp.square(cos) * (1.0 - jnp.eye(k, dtype=cos.dtype))
+  return jnp.mean(jnp.sum(off, axis=(1, 2)) / (k * (k - 1)))
+
+
 # --------------------------------------------------------------------------------------------- total
 
 def paper_single_mask_start(total_steps: int, mask_start_fraction: float) -> int:
@@ -365,13 +378,17 @@ def mask_loss_weight(step: jax.Array | int, total_steps: int, recipe: str, mask_
 
 
 def total_loss(contrast: jax.Array, entity: jax.Array, mask: jax.Array | None, *,
-               entity_weight: float = 1.0, mask_lambda: jax.Array | float = 0.0) -> jax.Array:
+               entity_weight: float = 1.0, mask_lambda: jax.Array | float = 0.0,
+               diversity: jax.Array | None = None, diversity_weight: float = 0.0) -> jax.Array:
   """L_total = L_contrast + entity_weight * L_entity + lambda * L_mask (paper Eq. 13; official L705-710).
 
   `mask=None` (no teacher in stage 1) drops the term; otherwise it is added as lambda * L_mask even when
-  lambda is 0 (so a NaN in L_mask is not hidden).
+  lambda is 0 (so a NaN in L_mask is not hidden). `diversity` (`group_diversity_loss`, not in the paper) adds
+  diversity_weight * L_div when given.
   """
   total = contrast + entity_weight * entity
   if mask is not None:
     total = total + mask_lambda * mask
+  if diversity is not None:
+    total = total + diversity_weight * diversity
   return total

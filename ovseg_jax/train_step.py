@@ -190,8 +190,13 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
     inter.update(group_logits=group_logits, cols=aux['cols'], detached=aux['detached'],
                  mask_online=aux['online_logits'], mask_teacher=aux['teacher_logits'])
 
+  # Not in the paper (config.loss.group_diversity_weight, default 0): keeps the K assignment queries apart.
+  diversity_weight = float(config.loss.get('group_diversity_weight', 0.0))
+  l_div = losses.group_diversity_loss(img['q']) if diversity_weight else None
+  if l_div is not None:
+    metrics['loss_group_diversity'] = l_div
   total = losses.total_loss(l_contrast, l_entity, l_mask, entity_weight=config.loss.entity_weight,
-                            mask_lambda=lam)
+                            mask_lambda=lam, diversity=l_div, diversity_weight=diversity_weight)
   valid = jnp.maximum(jnp.sum(batch['question_mask']), 1)
   metrics.update(
       loss=total, loss_contrast=l_contrast, loss_entity=l_entity,

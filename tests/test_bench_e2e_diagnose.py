@@ -36,3 +36,11 @@ def test_deterministic_and_fewer_points_than_clusters():
   np.testing.assert_array_equal(a, e2e_diagnose.kmeans_partition(features, 8, seed=3))
   same = np.ones((5, 4))   # one distinct feature: seeding stops early, every point in one cluster
   assert len(set(e2e_diagnose.kmeans_partition(same, 8).tolist())) == 1
+
+
+def test_distinct_directions_counts_collapsed_queries():
+  rng = np.random.default_rng(4)
+  base = rng.normal(size=(2, 32))
+  collapsed = np.concatenate([base[[0, 0, 0]] * [[1.0], [2.0], [0.5]], base[[1] * 5]])  # 8 queries, 2 directions
+  assert e2e_diagnose.distinct_directions(collapsed) == 2
+  assert e2e_diagnose.distinct_directions(rng.normal(size=(8, 32))) == 8

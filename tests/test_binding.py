@@ -131,3 +131,48 @@ def test_unknown_assignment_is_an_error(official):
   _, params, x, g = official
   with pytest.raises(ValueError, match='assignment'):
     binding.GroupingBlock(K_OUT, num_heads=2, assignment='sinkhorn').apply({'params': params}, x, g)
+
+
+def _numpy_refine(q, k, iters, scale):
+  """Soft spherical k-means, written directly: the oracle for binding.refine_queries."""
+  kn = k / np.linalg.norm(k, axis=-1, keepdims=True)
+  def logits(c):
+    return scale * np.einsum('bkc,blc->bkl', c / np.linalg.norm(c, axis=-1, keepdims=True), kn)
+  c = q.astype(np.float64)
+  for _ in range(iters):
+    a = special.softmax(logits(c), axis=1)
+    c = np.einsum('bkl,blc->bkc', a, kn) / (a.sum(-1, keepdims=True) + 1e-6)
+  return c, logits(c)
+
+
+def test_refine_queries_is_soft_spherical_kmeans():
+  rng = np.random.default_rng(3)
+  q, k = rng.normal(size=(B, K_OUT, C)), rng.normal(size=(B, L, C))
+  want_q, want_raw = _numpy_refine(q, k, 3, 10.0)
+  got_q, got_raw = binding.refine_queries(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), 3, 10.0)
+  np.testing.assert_allclose(got_q, want_q, atol=2e-5)
+  np.testing.assert_allclose(got_raw, want_raw, atol=2e-4)
+
+
+def test_refine_moves_queries_to_the_key_clusters():
+  """Two tight key clusters, queries pointing between a cluster and a third direction: the rounds move each
+  query onto its cluster's mean direction (the k-means fixed point) and split the keys by cluster."""
+  rng = np.random.default_rng(4)
+  c = np.eye(C)[:3] * 5
+  k = np.concatenate([c[0] + 0.1 * rng.normal(size=(6, C)), c[1] + 0.1 * rng.normal(size=(6, C))])
+  q = np.stack([c[0] + 0.8 * c[2], c[1] + 0.8 * c[2]])
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+  means = unit(np.stack([unit(k[:6]).mean(0), unit(k[6:]).mean(0)]))
+  for iters, lo, hi in ((0, 0.7, 0.8), (3, 0.99, 1.01)):
+    got, raw = binding.refine_queries(jnp.asarray(q[None], jnp.float32), jnp.asarray(k[None], jnp.float32),
+                                      iters, 10.0)
+    cos = np.sum(unit(np.asarray(got[0], np.float64)) * means, axis=-1)
+    assert np.all((cos > lo) & (cos < hi)), (iters, cos)
+    np.testing.assert_array_equal(np.asarray(raw[0]).argmax(0), [0] * 6 + [1] * 6)
+
+
+def test_refine_keeps_the_param_tree():
+  x, g = _inputs()
+  plain = binding.GroupingBlock(K_OUT, num_heads=2).init(jax.random.PRNGKey(0), x, g)['params']
+  refined = binding.GroupingBlock(K_OUT, num_heads=2, refine_iters=2).init(jax.random.PRNGKey(0), x, g)['params']
+  assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(refined)

@@ -221,6 +221,10 @@ def test_architectures_the_authors_cannot_load_are_refused(trip, capsys):
   stem.vision.stem_channels = (32, 64)
   with pytest.raises(ValueError, match='no conv stem'):
     official_export.state_dict(stem, variables)
+  refined = model_config.copy_and_resolve_references()
+  refined.binding.refine_iters = 3
+  with pytest.raises(ValueError, match='no k-means'):
+    official_export.state_dict(refined, variables)
   extra = {'params': dict(variables['params'], extra={'w': np.zeros(2, np.float32)}),
            'batch_stats': variables['batch_stats']}
   with pytest.raises(ValueError, match='1 variables have no key.*extra/w'):

@@ -270,3 +270,27 @@ def test_mask_loss_weight_schedule():
   assert float(w(0, recipe='two_stage', stage=2)) == np.float32(0.1)
   with pytest.raises(ValueError, match='recipe'):
     w(0, recipe='single')
+
+
+def test_group_diversity_loss_matches_numpy_oracle():
+  q = np.random.default_rng(5).normal(size=(3, 8, 16)).astype(np.float32)
+  unit = q / np.linalg.norm(q, axis=-1, keepdims=True)
+  cos = np.einsum('bic,bjc->bij', unit, unit)
+  want = np.mean([(np.sum(c ** 2) - np.trace(c ** 2)) / (8 * 7) for c in cos])
+  np.testing.assert_allclose(losses.group_diversity_loss(jnp.asarray(q)), want, rtol=1e-5)
+
+
+def test_group_diversity_loss_limits():
+  orthogonal = np.eye(8, dtype=np.float32)[None] * 3.0            # K orthogonal queries: nothing to penalise
+  np.testing.assert_allclose(losses.group_diversity_loss(jnp.asarray(orthogonal)), 0.0, atol=1e-7)
+  collapsed = np.ones((2, 8, 16), np.float32) * np.arange(1, 9, dtype=np.float32)[None, :, None]
+  np.testing.assert_allclose(losses.group_diversity_loss(jnp.asarray(collapsed)), 1.0, rtol=1e-6)  # scale-free
+
+
+def test_total_loss_terms():
+  c, e, m, d = (jnp.float32(v) for v in (1.0, 2.0, 3.0, 4.0))
+  np.testing.assert_allclose(losses.total_loss(c, e, None, entity_weight=0.5), 2.0)
+  np.testing.assert_allclose(losses.total_loss(c, e, m, entity_weight=1.0, mask_lambda=0.1), 3.3, rtol=1e-6)
+  np.testing.assert_allclose(losses.total_loss(c, e, m, mask_lambda=0.1, diversity=d, diversity_weight=0.5),
+                             5.3, rtol=1e-6)
+  assert np.isnan(losses.total_loss(c, e, jnp.float32(np.nan), mask_lambda=0.0))  # NaN never hidden

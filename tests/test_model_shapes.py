@@ -95,3 +95,17 @@ def test_image_smaller_than_a_patch_is_a_clear_error():
   with pytest.raises(ValueError, match='smaller than one 8x8 patch'):
     jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 4, 64, 3)), False, method=OVSegmentor.encode_image),
                    variables)
+
+
+@pytest.mark.parametrize('std', [0.02, 1.0])
+def test_group_token_init_std(std):
+  c = tiny.get_config().model
+  c.unlock()
+  c.binding.group_token_std = std
+  model = OVSegmentor(ml_collections.FrozenConfigDict(c))
+  img = jnp.zeros((1, c.vision.img_size, c.vision.img_size, 3))
+  ids = jnp.ones((1, 4), jnp.int32)
+  tokens = jax.jit(model.init)(jax.random.PRNGKey(0), img, ids, ids)['params']['img_encoder']['group_token']
+  # truncated at 2 std: the sample std is ~0.88 std
+  assert tokens.shape == (c.binding.num_group_tokens, c.vision.width)
+  np.testing.assert_allclose(np.std(np.asarray(tokens)), 0.88 * std, rtol=0.05)

@@ -34,6 +34,27 @@ def straight_through_hard(y_soft: jnp.ndarray, axis: int) -> jnp.ndarray:
   return y_hard - jax.lax.stop_gradient(y_soft) + y_soft
 
 
+def refine_queries(q: jnp.ndarray, k: jnp.ndarray, iters: int, scale: float):
+  """Soft spherical k-means of the keys, started at the learned queries (not in the paper; off by default).
+
+  For `iters` rounds: A = softmax_K(scale * cos(q_k, k_l)), q_k <- sum_l A[k, l] k_l / sum_l A[k, l].
+  Returns (q [B, K, C] the refined centres, raw [B, K, L] = scale * cos(q, k), the logits of Eq. 4).
+  Why: from scratch, the learned queries alone settle on one group for every object (README, issue 6),
+  while k-means on the same keys separates them; the rounds let each query take the patches nearest to it.
+  Differentiable throughout, with no parameters (so the param tree is the authors').
+  """
+  kn = k.astype(jnp.float32)
+  kn = kn / jnp.maximum(jnp.linalg.norm(kn, axis=-1, keepdims=True), 1e-6)
+  def logits(centres):
+    cn = centres / jnp.maximum(jnp.linalg.norm(centres, axis=-1, keepdims=True), 1e-6)
+    return scale * jnp.einsum('bkc,blc->bkl', cn, kn)
+  centres = q.astype(jnp.float32)
+  for _ in range(iters):
+    a = jax.nn.softmax(logits(centres), axis=1)
+    centres = jnp.einsum('bkl,blc->bkc', a, kn) / (jnp.sum(a, axis=-1, keepdims=True) + 1e-6)
+  return centres.astype(q.dtype), logits(centres)
+
+
 class AssignAttention(nn.Module):
   """Single-head assignment of the L patches to the K groups (paper Eq. 4-5).
 
@@ -44,6 +65,8 @@ class AssignAttention(nn.Module):
   tau: float = 1.0
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
+  refine_iters: int = 0
+  refine_scale: float = 10.0
 
   @nn.compact
   def __call__(self, query: jnp.ndarray, key: jnp.ndarray, train: bool = False,
@@ -53,7 +76,10 @@ class AssignAttention(nn.Module):
     q = dense('q_proj')(query)
     k = dense('k_proj')(key)
     v = dense('v_proj')(key)
-    raw = jnp.einsum('bkc,blc->bkl', q, k).astype(jnp.float32) * (c ** -0.5)  # [B, K, L]
+    if self.refine_iters:
+      q, raw = refine_queries(q, k, self.refine_iters, self.refine_scale)
+    else:
+      raw = jnp.einsum('bkc,blc->bkl', q, k).astype(jnp.float32) * (c ** -0.5)  # [B, K, L]
     soft = jax.nn.softmax(raw, axis=1)  # Eq. 4: softmax over the groups
     if self.assignment == 'soft':
       attn = soft
@@ -91,6 +117,8 @@ class GroupingBlock(nn.Module):
   qkv_bias: bool = True
   ln_eps: float = 1e-5
   dtype: Dtype = jnp.float32
+  refine_iters: int = 0
+  refine_scale: float = 10.0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, group_tokens: jnp.ndarray, train: bool = False,
@@ -116,7 +144,7 @@ class GroupingBlock(nn.Module):
     y = vit.CrossAttnBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.ln_eps, self.dtype,
                            name='pre_assign_attn')(g, x)
     out, soft, hard, q, k = AssignAttention(self.assignment, self.tau, self.qkv_bias, self.dtype,
-                                            name='assign')(y, x, train, deterministic)
+                                            self.refine_iters, self.refine_scale, name='assign')(y, x, train, deterministic)
     out = out + y  # Eq. 6 residual
     out = out + vit.Mlp(int(self.mlp_ratio * c), c, self.dtype, name='mlp_channels')(ln('norm_new_x')(out))
     return dict(x=out, soft=soft, hard=hard, q=q, k=k, assign_query=y, assign_key=x)

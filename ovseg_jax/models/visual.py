@@ -50,7 +50,11 @@ class VisualEncoder(nn.Module):
     x = x + vit.resize_pos_embed(pos, grid).astype(dtype)[None]
     b, num_patches = x.shape[0], x.shape[1]
 
-    tokens = self.param('group_token', vit.INIT, (bc.num_group_tokens, width), jnp.float32)
+    # Why the std is a knob: from scratch, the attention output added to these tokens in the first block grows
+    # to ~100x their 0.02-std init, and all K_in tokens (so all K_out queries) collapse to one or two
+    # directions (README, issue 6); DINO-initialised patch features do not do that in the authors' setting.
+    token_init = nn.initializers.truncated_normal(bc.get('group_token_std', 0.02))
+    tokens = self.param('group_token', token_init, (bc.num_group_tokens, width), jnp.float32)
     x = vit.constrain_batch(jnp.concatenate([x, jnp.broadcast_to(tokens.astype(dtype), (b,) + tokens.shape)],
                                             axis=1))
     for i in range(d1):
@@ -59,7 +63,8 @@ class VisualEncoder(nn.Module):
 
     out = binding_lib.GroupingBlock(
         bc.num_output_groups, vc.num_heads, bc.assignment, bc.gumbel_tau, bc.token_mlp_ratio, vc.mlp_ratio,
-        vc.qkv_bias, vc.ln_eps, dtype, name='binding')(x, groups, train, deterministic)
+        vc.qkv_bias, vc.ln_eps, dtype, int(bc.get('refine_iters', 0)), float(bc.get('refine_scale', 10.0)),
+        name='binding')(x, groups, train, deterministic)
     g = out.pop('x')
     for j in range(d2):
       g = vit.constrain_batch(block(d1 + j, f'stage2_block{j}')(g, stochastic))
