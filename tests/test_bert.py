@@ -81,13 +81,16 @@ def test_parity_with_torch_bert_on_pretrained_weights(minilm):
   d_valid = float(np.abs(hidden - out.last_hidden_state.numpy())[mask == 1].max())
   d_pooled = float(np.abs(pooled - out.pooler_output.numpy()).max())
   d_64 = float(np.abs(hidden - hidden64).max())
+  torch_64 = float(np.abs(out.last_hidden_state.numpy() - hidden64).max())
   print(f'\nBERT parity vs torch fp32: last_hidden_state {d_hidden:.2e} (real tokens {d_valid:.2e}), '
-        f'pooled {d_pooled:.2e}; vs torch fp64: {d_64:.2e}')
-  assert d_hidden <= 1e-4, f'last_hidden_state max abs diff {d_hidden:.3e} > 1e-4'
+        f'pooled {d_pooled:.2e}; vs torch fp64: {d_64:.2e} (torch fp32 vs fp64: {torch_64:.2e})')
   assert d_valid <= 1e-5, f'last_hidden_state (non-padding tokens) max abs diff {d_valid:.3e} > 1e-5'
   assert d_pooled <= 1e-5, f'pooled max abs diff {d_pooled:.3e} > 1e-5'
-  # At padding positions torch fp32 itself is ~7e-5 from fp64; this model must be at least as close.
+  # Padding positions amplify float32 rounding: torch fp32 itself is 7e-5 to 9.8e-5 (AMD EPYC) from
+  # fp64 there, so the fp32-vs-fp32 gap is machine-dependent. The oracle is the fp64 run: this model must be
+  # within 5e-5 of it, and never further than torch's own fp32 is.
   assert d_64 <= 5e-5, f'last_hidden_state vs float64 torch max abs diff {d_64:.3e} > 5e-5'
+  assert d_64 <= max(torch_64, 1e-5), f'further from fp64 ({d_64:.3e}) than torch fp32 ({torch_64:.3e})'
 
   # The mask really removes padding: 77-token padding and 'longest' padding agree on the real tokens.
   ids_l, mask_l = get_tokenizer(max_length=77)(CAPTIONS, padding='longest')
