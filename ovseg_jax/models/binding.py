@@ -43,11 +43,9 @@ def refine_queries(q: jnp.ndarray, k: jnp.ndarray, iters: int, scale: float):
   while k-means on the same keys separates them; the rounds let each query take the patches nearest to it.
   Differentiable throughout, with no parameters (so the param tree is the authors').
   """
-  kn = k.astype(jnp.float32)
-  kn = kn / jnp.maximum(jnp.linalg.norm(kn, axis=-1, keepdims=True), 1e-6)
-  def logits(centres):
-    cn = centres / jnp.maximum(jnp.linalg.norm(centres, axis=-1, keepdims=True), 1e-6)
-    return scale * jnp.einsum('bkc,blc->bkl', cn, kn)
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)  # noqa: E731
+  kn = unit(k.astype(jnp.float32))
+  logits = lambda centres: scale * jnp.einsum('bkc,blc->bkl', unit(centres), kn)  # noqa: E731
   centres = q.astype(jnp.float32)
   for _ in range(iters):
     a = jax.nn.softmax(logits(centres), axis=1)
@@ -143,8 +141,9 @@ class GroupingBlock(nn.Module):
       g = ln('norm_post_tokens')(g)
     y = vit.CrossAttnBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.ln_eps, self.dtype,
                            name='pre_assign_attn')(g, x)
-    out, soft, hard, q, k = AssignAttention(self.assignment, self.tau, self.qkv_bias, self.dtype,
-                                            self.refine_iters, self.refine_scale, name='assign')(y, x, train, deterministic)
+    assign = AssignAttention(self.assignment, self.tau, self.qkv_bias, self.dtype, self.refine_iters,
+                             self.refine_scale, name='assign')
+    out, soft, hard, q, k = assign(y, x, train, deterministic)
     out = out + y  # Eq. 6 residual
     out = out + vit.Mlp(int(self.mlp_ratio * c), c, self.dtype, name='mlp_channels')(ln('norm_new_x')(out))
     return dict(x=out, soft=soft, hard=hard, q=q, k=k, assign_query=y, assign_key=x)
