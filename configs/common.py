@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
       entity_weight=1.0,
       mask_weight=0.1,                 # lambda of Eq. 13 once the mask loss is on
       group_diversity_weight=0.0,      # not in the paper: see losses.group_diversity_loss (0 = off)
+      group_entity_weight=0.0,         # not in the paper: losses.group_entity_loss (0 = off)
+      group_entity_bg_weight=0.0,      # its pull of unselected groups to uniform (background)
+      group_entity_vocab='',           # entity vocabulary it classifies over; '' = the dataset's
+      group_entity_template='a photo of a {}.',  # prompt of each entity (eval.templates='simple')
       mask_start_fraction=0.75,        # paper_single recipe: mask loss starts after 30 of 40 epochs
       mask_cost='l2',                  # Hungarian cost: 'l2' (official cdist) | 'neg_cos' (paper)
       dice_norm='official',            # 'official' (sum_b / K) | 'mean'

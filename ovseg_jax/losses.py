@@ -343,6 +343,66 @@ def group_diversity_loss(queries: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sum(off, axis=(1, 2)) / (k * (k - 1)))
 
 
+def entity_presence(answer_ids: jax.Array, entity_tokens: jax.Array) -> jax.Array:
+  """Which vocabulary entities an example's prompted-entity answer h(E) names (whole-token match).
+
+  Args:
+    answer_ids: int [B, T] token ids of the answer ("a photo of a circle and star"), which lists every entity
+      the caption names (`EntityExtractor.mask`).
+    entity_tokens: int [V, M] wordpiece ids of each entity name, right-padded with -1.
+  Returns:
+    bool [B, V]: entity v's token sequence occurs somewhere in answer b.
+  """
+  t, m = answer_ids.shape[1], entity_tokens.shape[1]
+  ids = jnp.pad(answer_ids, ((0, 0), (0, m)), constant_values=-2)         # windows may run past the end
+  windows = jnp.stack([ids[:, j:j + t] for j in range(m)], axis=-1)      # [B, T, M]: tokens p .. p+M-1
+  hit = (windows[:, :, None, :] == entity_tokens[None, None]) | (entity_tokens[None, None] < 0)
+  return jnp.any(jnp.all(hit, axis=-1), axis=1)
+
+
+def group_entity_loss(group_x: jax.Array, entity_x: jax.Array, present: jax.Array,
+                      logit_scale_exp: jax.Array, background_weight: float = 0.0) -> tuple[jax.Array, dict]:
+  """Per-group entity classification from the caption (not in the paper; config.loss.group_entity_weight).
+
+  Eq. 7-9 supervise only the mean of the K groups, yet Eq. 1 classifies every group on its own: with
+  z_bk the L2-normalised projected groups and t_v the L2-normalised prompted names of the V entities,
+      P_bk = softmax_v(s z_bk . t_v)                                      (Eq. 1's P_pre)
+      k*(b, v) = argmax_k z_bk . t_v                                      (multiple-instance: best group)
+      L_cls = - sum_{b, v present} log P_{b k*(b,v)}[v] / #present
+  teaches the group that best matches each named entity to be classified as it. With background_weight > 0
+  the groups that are no entity's k* are pulled towards the uniform distribution over V (cross-entropy to
+  uniform, minus log V so a uniform group costs 0), which is what Eq. 1's threshold reads as background:
+      L = L_cls + background_weight * mean_{unselected (b, k)} [-mean_v log P_bk[v] - log V].
+
+  Args:
+    group_x: [B, K, P] projected group embeddings (image_feat).
+    entity_x: [V, P] projected prompt embeddings of the V vocabulary entities.
+    present: bool [B, V] entities the caption names (`entity_presence`).
+    logit_scale_exp: scalar s (the shared, clamped temperature).
+    background_weight: weight of the unselected-groups term.
+  Returns:
+    (scalar loss, dict(accuracy = fraction of present entities whose k* group's argmax is that entity)).
+  """
+  zg = l2_normalize(group_x.astype(jnp.float32))
+  zt = l2_normalize(entity_x.astype(jnp.float32))
+  logits = jnp.asarray(logit_scale_exp, jnp.float32) * jnp.einsum('bkp,vp->bkv', zg, zt, precision=_HIGHEST)
+  logp = jax.nn.log_softmax(logits, axis=-1)                               # [B, K, V]
+  best = jnp.argmax(jax.lax.stop_gradient(logits), axis=1)                 # [B, V]: k*(b, v)
+  lp = jnp.take_along_axis(logp, best[:, None, :], axis=1)[:, 0, :]        # [B, V]: log P_{b k*(b,v)}[v]
+  pres = present.astype(jnp.float32)
+  n_present = jnp.maximum(jnp.sum(pres), 1.0)
+  loss = -jnp.sum(pres * lp) / n_present
+  correct = jnp.take_along_axis(jnp.argmax(logits, -1), best, axis=1) == jnp.arange(logits.shape[-1])
+  aux = {'accuracy': jnp.sum(pres * correct) / n_present}
+  if background_weight:
+    k, v = logits.shape[1], logits.shape[2]
+    chosen = jnp.any((best[:, None, :] == jnp.arange(k)[None, :, None]) & present[:, None, :], axis=-1)
+    free = 1.0 - chosen.astype(jnp.float32)                                # [B, K]
+    to_uniform = -jnp.mean(logp, axis=-1) - math.log(v)                    # [B, K], >= 0
+    loss = loss + background_weight * jnp.sum(free * to_uniform) / jnp.maximum(jnp.sum(free), 1.0)
+  return loss, aux
+
+
 # --------------------------------------------------------------------------------------------- total
 
 def paper_single_mask_start(total_steps: int, mask_start_fraction: float) -> int:
@@ -379,16 +439,20 @@ def mask_loss_weight(step: jax.Array | int, total_steps: int, recipe: str, mask_
 
 def total_loss(contrast: jax.Array, entity: jax.Array, mask: jax.Array | None, *,
                entity_weight: float = 1.0, mask_lambda: jax.Array | float = 0.0,
-               diversity: jax.Array | None = None, diversity_weight: float = 0.0) -> jax.Array:
+               diversity: jax.Array | None = None, diversity_weight: float = 0.0,
+               group_entity: jax.Array | None = None, group_entity_weight: float = 0.0) -> jax.Array:
   """L_total = L_contrast + entity_weight * L_entity + lambda * L_mask (paper Eq. 13; official L705-710).
 
   `mask=None` (no teacher in stage 1) drops the term; otherwise it is added as lambda * L_mask even when
   lambda is 0 (so a NaN in L_mask is not hidden). `diversity` (`group_diversity_loss`, not in the paper) adds
-  diversity_weight * L_div when given.
+  diversity_weight * L_div when given, and `group_entity` (`group_entity_loss`, not in the paper)
+  group_entity_weight * L_group_entity.
   """
   total = contrast + entity_weight * entity
   if mask is not None:
     total = total + mask_lambda * mask
   if diversity is not None:
     total = total + diversity_weight * diversity
+  if group_entity is not None:
+    total = total + group_entity_weight * group_entity
   return total

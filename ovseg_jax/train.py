@@ -407,6 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, make_
     if jax.process_index() == 0:
       line = (f'step {step}/{total_steps} | loss {last["loss"]:.4f} (contrast {last["loss_contrast"]:.4f} '
               f'entity {last["loss_entity"]:.4f} mask {last["loss_mask"]:.4f}) | lr {last["lr"]:.2e}')
+      if 'loss_group_entity' in last:  # optional, not in the paper (losses.group_entity_loss)
+        line += f' | group entity {last["loss_group_entity"]:.4f} acc {last["group_entity_acc"]:.2f}'
       if 'step_seconds' in last:
         line += (f' | {last["img_per_s"]:.1f} img/s ({last["img_per_s_per_device"]:.2f}/dev) | '
                  f'ETA {_fmt_eta((total_steps - step) * last["step_seconds"])} | MFU {100 * last["mfu"]:.1f}%')

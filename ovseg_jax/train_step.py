@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from ovseg_jax import losses
@@ -56,6 +57,36 @@ def uses_teacher(config: ml_collections.ConfigDict) -> bool:
 
 def uses_entity(config: ml_collections.ConfigDict) -> bool:
   return config.loss.entity_weight > 0
+
+
+def group_entity_weight(config: ml_collections.ConfigDict) -> float:
+  return float(config.loss.get('group_entity_weight', 0.0))
+
+
+@functools.lru_cache(maxsize=8)
+def _entity_vocab_arrays(vocab_name: str, template: str, max_length: int):
+  """(prompt ids [V, T], prompt mask [V, T], name tokens [V, M] padded with -1) for the vocabulary."""
+  from ovseg_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from ovseg_jax.data import entities as entities_lib  # pylint: disable=g-import-not-at-top
+  names = entities_lib.get_vocabulary(vocab_name).canonical
+  tok = tokenizer_lib.get_tokenizer(max_length=max_length)
+  ids, mask = tok([template.format(n) for n in names])
+  name_ids, name_mask = tok(list(names), padding='longest')
+  # Drop [CLS] and [SEP]: the name's wordpieces alone, as they appear inside the answer sentence.
+  pieces = [row[1:int(m.sum()) - 1] for row, m in zip(name_ids, name_mask)]
+  tokens = np.full((len(names), max(len(p) for p in pieces)), -1, np.int32)
+  for i, p in enumerate(pieces):
+    tokens[i, :len(p)] = p
+  return ids, mask, tokens
+
+
+def entity_vocab_arrays(config: ml_collections.ConfigDict):
+  """The entity vocabulary of config.loss.group_entity_vocab ('' = the dataset's: 'synthetic' for
+  synthetic_captions, else 'cc4m') as prompt ids / mask and name tokens (see `_entity_vocab_arrays`)."""
+  name = config.loss.get('group_entity_vocab', '') or (
+      'synthetic' if config.data.dataset == 'synthetic_captions' else 'cc4m')
+  return _entity_vocab_arrays(name, config.loss.get('group_entity_template', 'a photo of a {}.'),
+                              int(config.model.text.max_length))
 
 
 def train_model_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
@@ -190,13 +221,26 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
     inter.update(group_logits=group_logits, cols=aux['cols'], detached=aux['detached'],
                  mask_online=aux['online_logits'], mask_teacher=aux['teacher_logits'])
 
+  # Not in the paper (config.loss.group_entity_weight, default 0): every named entity's best group is
+  # classified as that entity among the vocabulary's prompts (BN in eval mode: the prompts are no batch).
+  ge_weight = group_entity_weight(config)
+  l_ge = None
+  if ge_weight:
+    v_ids, v_mask, v_tokens = entity_vocab_arrays(config)
+    vocab_txt, _ = call(bs, OVSegmentor.encode_text, jnp.asarray(v_ids), jnp.asarray(v_mask), False)
+    present = losses.entity_presence(batch['answer_ids'], jnp.asarray(v_tokens))
+    l_ge, ge_aux = losses.group_entity_loss(img['image_feat'], vocab_txt['text_x'], present, scale,
+                                            float(config.loss.get('group_entity_bg_weight', 0.0)))
+    metrics.update(loss_group_entity=l_ge, group_entity_acc=ge_aux['accuracy'])
+
   # Not in the paper (config.loss.group_diversity_weight, default 0): keeps the K assignment queries apart.
   diversity_weight = float(config.loss.get('group_diversity_weight', 0.0))
   l_div = losses.group_diversity_loss(img['q']) if diversity_weight else None
   if l_div is not None:
     metrics['loss_group_diversity'] = l_div
   total = losses.total_loss(l_contrast, l_entity, l_mask, entity_weight=config.loss.entity_weight,
-                            mask_lambda=lam, diversity=l_div, diversity_weight=diversity_weight)
+                            mask_lambda=lam, diversity=l_div, diversity_weight=diversity_weight,
+                            group_entity=l_ge, group_entity_weight=ge_weight)
   valid = jnp.maximum(jnp.sum(batch['question_mask']), 1)
   metrics.update(
       loss=total, loss_contrast=l_contrast, loss_entity=l_entity,

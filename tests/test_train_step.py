@@ -200,3 +200,21 @@ def test_mask_branch_is_skipped_only_while_lambda_is_zero():
                                                             optim.named_leaves(skip['batch_stats']))
                    if not np.allclose(a, b, atol=1e-7)})
   assert differ == ['img_projector', 'text_projector'], differ
+
+
+def test_group_entity_option_adds_its_term():
+  """loss.group_entity_weight (not in the paper) adds w * L_group_entity to Eq. 13 over the dataset's entity
+  vocabulary; the in-memory answers name cc4m entities ("a photo of a dog.")."""
+  config = tf.small_config()
+  config.loss.group_entity_weight = 0.5
+  config.loss.group_entity_bg_weight = 0.2
+  config.data.dataset = 'synthetic_captions'
+  assert ts.entity_vocab_arrays(config)[2].shape[0] == 6            # '' = the dataset's vocabulary
+  config.loss.group_entity_vocab = 'cc4m'
+  ids, mask, tokens = ts.entity_vocab_arrays(config)
+  assert ids.shape[0] == mask.shape[0] == tokens.shape[0] == 73
+  run = _run(config, jax.devices()[:1], steps=1)
+  m = run['metrics'][-1]
+  assert m['finite'] == 1.0 and m['loss_group_entity'] > 0 and 0.0 <= m['group_entity_acc'] <= 1.0
+  np.testing.assert_allclose(m['loss'], m['loss_contrast'] + m['loss_entity'] + 0.1 * m['loss_mask']
+                             + 0.5 * m['loss_group_entity'], rtol=1e-6)
