@@ -176,3 +176,20 @@ def test_refine_keeps_the_param_tree():
   plain = binding.GroupingBlock(K_OUT, num_heads=2).init(jax.random.PRNGKey(0), x, g)['params']
   refined = binding.GroupingBlock(K_OUT, num_heads=2, refine_iters=2).init(jax.random.PRNGKey(0), x, g)['params']
   assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(refined)
+
+
+@pytest.mark.parametrize('residual', [True, False])
+def test_query_residual_off_keeps_only_the_pooled_patches(official, residual):
+  """query_residual=False drops Eq. 6's `+ y`. Shifting every pre-assignment query by the same vector (the
+  bias of pre_assign_attn's last layer) leaves the assignment unchanged (softmax over groups), so without
+  the residual the groups stay the same, and with it they move by the shift."""
+  _, params, x, g = official
+  module = binding.GroupingBlock(K_OUT, num_heads=2, query_residual=residual)
+  shifted = jax.tree_util.tree_map(lambda p: p, params)
+  bias = shifted['pre_assign_attn']['norm_post']['bias']
+  shifted['pre_assign_attn']['norm_post']['bias'] = bias + np.random.default_rng(1).normal(size=bias.shape)
+  a = module.apply({'params': params}, x, g)
+  b = module.apply({'params': shifted}, x, g)
+  np.testing.assert_array_equal(a['hard'], b['hard'])
+  change = float(np.abs(np.asarray(a['x']) - np.asarray(b['x'])).max())
+  assert (change < 1e-5) if not residual else (change > 0.1), change

@@ -225,6 +225,10 @@ def test_architectures_the_authors_cannot_load_are_refused(trip, capsys):
   refined.binding.refine_iters = 3
   with pytest.raises(ValueError, match='no k-means'):
     official_export.state_dict(refined, variables)
+  pooled_only = model_config.copy_and_resolve_references()
+  pooled_only.binding.query_residual = False
+  with pytest.raises(ValueError, match='always adds the query residual'):
+    official_export.state_dict(pooled_only, variables)
   extra = {'params': dict(variables['params'], extra={'w': np.zeros(2, np.float32)}),
            'batch_stats': variables['batch_stats']}
   with pytest.raises(ValueError, match='1 variables have no key.*extra/w'):

@@ -128,6 +128,9 @@ def official_layout(model_config) -> list[tuple[str, tuple, str]]:
   if int(m.binding.get('refine_iters', 0)):
     raise ValueError(f'binding.refine_iters={m.binding.refine_iters}: the authors\' GroupingBlock has no k-means '
                      'rounds, so their code would not compute this model; use the inference export')
+  if not m.binding.get('query_residual', True):
+    raise ValueError('binding.query_residual=False: the authors\' GroupingBlock always adds the query residual '
+                     '(Eq. 6), so their code would not compute this model; use the inference export')
   keys = [('logit_scale', ()), ('logit_scale_mask', ())] + _visual('img_encoder', m)
   keys += _bert(TEXT_PREFIX, m.text)
   keys += _projector('img_projector', c, m) + _projector('text_projector', m.text.width, m)

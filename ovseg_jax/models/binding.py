@@ -117,6 +117,7 @@ class GroupingBlock(nn.Module):
   dtype: Dtype = jnp.float32
   refine_iters: int = 0
   refine_scale: float = 10.0
+  query_residual: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, group_tokens: jnp.ndarray, train: bool = False,
@@ -144,6 +145,7 @@ class GroupingBlock(nn.Module):
     assign = AssignAttention(self.assignment, self.tau, self.qkv_bias, self.dtype, self.refine_iters,
                              self.refine_scale, name='assign')
     out, soft, hard, q, k = assign(y, x, train, deterministic)
-    out = out + y  # Eq. 6 residual
+    if self.query_residual:  # Eq. 6 residual. Without it a group holds only the patches assigned to it:
+      out = out + y          # y attended to every patch, so it carries the whole image (README, issue 6)
     out = out + vit.Mlp(int(self.mlp_ratio * c), c, self.dtype, name='mlp_channels')(ln('norm_new_x')(out))
     return dict(x=out, soft=soft, hard=hard, q=q, k=k, assign_query=y, assign_key=x)
