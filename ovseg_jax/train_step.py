@@ -59,16 +59,13 @@ def uses_entity(config: ml_collections.ConfigDict) -> bool:
   return config.loss.entity_weight > 0
 
 
-def group_entity_weight(config: ml_collections.ConfigDict) -> float:
-  return float(config.loss.get('group_entity_weight', 0.0))
-
-
 @functools.lru_cache(maxsize=8)
-def _entity_vocab_arrays(vocab_name: str, template: str, max_length: int):
-  """(prompt ids [V, T], prompt mask [V, T], name tokens [V, M] padded with -1) for the vocabulary."""
+def _entity_vocab_arrays(vocab_name: str, dataset: str, template: str, max_length: int):
+  """(prompt ids [V, T], prompt mask [V, T], name tokens [V, M] padded with -1) for the vocabulary
+  `vocab_name` ('' = the dataset's, `entities.dataset_vocabulary`)."""
   from ovseg_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from ovseg_jax.data import entities as entities_lib  # pylint: disable=g-import-not-at-top
-  names = entities_lib.get_vocabulary(vocab_name).canonical
+  names = entities_lib.get_vocabulary(vocab_name or entities_lib.dataset_vocabulary(dataset)).canonical
   tok = tokenizer_lib.get_tokenizer(max_length=max_length)
   ids, mask = tok([template.format(n) for n in names])
   name_ids, name_mask = tok(list(names), padding='longest')
@@ -81,11 +78,9 @@ def _entity_vocab_arrays(vocab_name: str, template: str, max_length: int):
 
 
 def entity_vocab_arrays(config: ml_collections.ConfigDict):
-  """The entity vocabulary of config.loss.group_entity_vocab ('' = the dataset's: 'synthetic' for
-  synthetic_captions, else 'cc4m') as prompt ids / mask and name tokens (see `_entity_vocab_arrays`)."""
-  name = config.loss.get('group_entity_vocab', '') or (
-      'synthetic' if config.data.dataset == 'synthetic_captions' else 'cc4m')
-  return _entity_vocab_arrays(name, config.loss.get('group_entity_template', 'a photo of a {}.'),
+  """The entity vocabulary of config.loss.group_entity_vocab as arrays (see `_entity_vocab_arrays`)."""
+  return _entity_vocab_arrays(config.loss.get('group_entity_vocab', ''), config.data.dataset,
+                              config.loss.get('group_entity_template', 'a photo of a {}.'),
                               int(config.model.text.max_length))
 
 
@@ -223,7 +218,7 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
 
   # Not in the paper (config.loss.group_entity_weight, default 0): every named entity's best group is
   # classified as that entity among the vocabulary's prompts (BN in eval mode: the prompts are no batch).
-  ge_weight = group_entity_weight(config)
+  ge_weight = float(config.loss.get('group_entity_weight', 0.0))
   l_ge = None
   if ge_weight:
     v_ids, v_mask, v_tokens = entity_vocab_arrays(config)

@@ -158,6 +158,11 @@ def get_vocabulary(name_or_vocab) -> Vocabulary:
   return VOCABULARIES[name_or_vocab]
 
 
+def dataset_vocabulary(dataset: str) -> str:
+  """The entity vocabulary a tfds dataset is built with when its metadata names none."""
+  return 'synthetic' if dataset == 'synthetic_captions' else 'cc4m'
+
+
 def singular_candidates(word: str) -> list:
   """Rule-based singular forms of a lower-case word, most likely first (the word itself included)."""
   out = [word]

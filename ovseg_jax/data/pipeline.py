@@ -275,8 +275,7 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
   if n < global_batch:
     raise ValueError(f'{path} split {split!r} has {n} examples, fewer than one global batch ({global_batch})')
   meta = tfds_builder.read_meta(path)
-  vocab = meta.get('vocab') or entities_lib.get_vocabulary(
-      'synthetic' if d.dataset == 'synthetic_captions' else 'cc4m').to_json()
+  vocab = meta.get('vocab') or entities_lib.get_vocabulary(entities_lib.dataset_vocabulary(d.dataset)).to_json()
   transform = ExampleTransform(path=path, split=split, image_size=d.image_size, crop_scale=d.crop_scale,
                                deit_aug=d.deit_aug, entity_mode=d.entity_mode, vocab=vocab,
                                max_length=config.model.text.max_length,
