@@ -44,6 +44,8 @@ def model_config(*, width: int, depth: int = 12, heads: int = 8, text_width: int
       group_token_std=0.02,            # init std of the K_in group tokens (official trunc_normal .02)
       refine_iters=0,                  # >0: soft k-means rounds on the keys before Eq. 4 (not in the paper;
       refine_scale=10.0,               #     binding.refine_queries); the cosine scale of those rounds
+      refine_init='queries',           # where the rounds start: the learned queries | 'farthest' keys
+                                       #     (binding.farthest_keys; not in the paper)
       query_residual=True,             # Eq. 6 residual: new group = pooled patches + its query (official);
                                        # False keeps the pooled patches only (not in the paper)
   ))

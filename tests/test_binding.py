@@ -193,3 +193,51 @@ def test_query_residual_off_keeps_only_the_pooled_patches(official, residual):
   np.testing.assert_array_equal(a['hard'], b['hard'])
   change = float(np.abs(np.asarray(a['x']) - np.asarray(b['x'])).max())
   assert (change < 1e-5) if not residual else (change > 0.1), change
+
+
+def _numpy_farthest(k, num):
+  """Farthest-point seeding, written directly: the oracle for binding.farthest_keys."""
+  out = []
+  for kb in k / np.linalg.norm(k, axis=-1, keepdims=True):
+    mean = kb.mean(0) / np.linalg.norm(kb.mean(0))
+    idx = [int(np.argmin(kb @ mean))]
+    while len(idx) < num:
+      idx.append(int(np.argmin(np.max(kb @ kb[idx].T, axis=1))))
+    out.append(kb[idx])
+  return np.stack(out)
+
+
+def test_farthest_keys_matches_a_direct_computation():
+  k = np.random.default_rng(5).normal(size=(B, L, C))
+  got = binding.farthest_keys(jnp.asarray(k, jnp.float32), K_OUT)
+  np.testing.assert_allclose(got, _numpy_farthest(k, K_OUT), atol=1e-6)
+
+
+def test_farthest_seeding_separates_clusters_identical_queries_cannot():
+  """Three tight key clusters and identical learned queries: k-means rounds from the queries keep every
+  centre identical (one group), rounds from the farthest keys give each cluster its own group."""
+  rng = np.random.default_rng(6)
+  centres = np.eye(C)[:3] * 5
+  k = np.concatenate([c + 0.1 * rng.normal(size=(4, C)) for c in centres])[None]  # [1, 12, C]
+  query = np.tile(rng.normal(size=(1, 1, C)), (1, 3, 1))
+  module = lambda init: binding.AssignAttention(refine_iters=3, refine_init=init)  # noqa: E731
+  params = module('queries').init(jax.random.PRNGKey(0), jnp.asarray(query, jnp.float32),
+                                  jnp.asarray(k, jnp.float32))
+  # identity q/k projections so the keys the rounds see are the clusters above
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.eye(C) if path[-1].key == 'kernel' else jnp.zeros_like(p), params)
+  groups = {}
+  for init in ('queries', 'farthest'):
+    _, _, hard, _, _ = module(init).apply(params, jnp.asarray(query, jnp.float32), jnp.asarray(k, jnp.float32))
+    groups[init] = np.asarray(hard[0]).argmax(0)
+  assert len(set(groups['queries'])) == 1
+  assert len(set(groups['farthest'])) == 3
+  assert all(len(set(groups['farthest'][i * 4:(i + 1) * 4])) == 1 for i in range(3))
+
+
+def test_farthest_seeding_needs_refine_rounds():
+  x, g = _inputs()
+  with pytest.raises(ValueError, match='refine_iters'):
+    binding.GroupingBlock(K_OUT, num_heads=2, refine_init='farthest').init(jax.random.PRNGKey(0), x, g)
+  with pytest.raises(ValueError, match='refine_init'):
+    binding.GroupingBlock(K_OUT, num_heads=2, refine_iters=1, refine_init='random').init(jax.random.PRNGKey(0), x, g)

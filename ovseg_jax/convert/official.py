@@ -211,6 +211,7 @@ def infer_model_config(sd: dict, stored: dict | None, base: ml_collections.Confi
   d2 = count_indexed('img_encoder.layers.1.blocks.', sd)
   m.vision.stem_channels = ()  # the authors' layout: a plain patch embed (configs/tiny.py adds a stem)
   m.binding.refine_iters = 0   # and no k-means rounds in the binding module
+  m.binding.refine_init = 'queries'
   m.binding.query_residual = True
   m.vision.update(width=width, patch_size=patch, img_size=side * patch, depths=(d1, d2),
                   mlp_ratio=need('img_encoder.layers.0.blocks.0.mlp.fc1.weight').shape[0] / width)

@@ -34,6 +34,32 @@ def straight_through_hard(y_soft: jnp.ndarray, axis: int) -> jnp.ndarray:
   return y_hard - jax.lax.stop_gradient(y_soft) + y_soft
 
 
+def farthest_keys(k: jnp.ndarray, num: int) -> jnp.ndarray:
+  """Farthest-point seeding on the unit keys: k [B, L, C] -> centres [B, num, C] (not in the paper).
+
+  The first centre is the key least similar to the image's mean key; each next one is the key whose best
+  cosine to the centres so far is lowest. Deterministic, so training and inference seed the same way.
+  Why: from scratch the learned queries of an image become near-identical (README, issue 6), and k-means
+  rounds started at identical centres cannot separate anything; seeds taken from the keys always differ.
+  Only the choice of index is not differentiable; the centres are keys, so gradients reach k.
+  """
+  kn = _unit(k.astype(jnp.float32))
+  mean = _unit(jnp.mean(kn, axis=1, keepdims=True))                       # [B, 1, C]
+  first = jnp.argmin(jnp.einsum('bqc,blc->bl', mean, kn), axis=-1)         # [B]
+  take = lambda idx: jnp.take_along_axis(kn, idx[:, None, None], axis=1)   # noqa: E731  [B, 1, C]
+  centres = take(first)
+  best = jnp.einsum('bqc,blc->bl', centres, kn)                            # [B, L] best cos to a centre
+  for _ in range(1, num):
+    nxt = take(jnp.argmin(best, axis=-1))
+    centres = jnp.concatenate([centres, nxt], axis=1)
+    best = jnp.maximum(best, jnp.einsum('bqc,blc->bl', nxt, kn))
+  return centres.astype(k.dtype)
+
+
+def _unit(x: jnp.ndarray) -> jnp.ndarray:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
 def refine_queries(q: jnp.ndarray, k: jnp.ndarray, iters: int, scale: float):
   """Soft spherical k-means of the keys, started at the learned queries (not in the paper; off by default).
 
@@ -43,9 +69,8 @@ def refine_queries(q: jnp.ndarray, k: jnp.ndarray, iters: int, scale: float):
   while k-means on the same keys separates them; the rounds let each query take the patches nearest to it.
   Differentiable throughout, with no parameters (so the param tree is the authors').
   """
-  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)  # noqa: E731
-  kn = unit(k.astype(jnp.float32))
-  logits = lambda centres: scale * jnp.einsum('bkc,blc->bkl', unit(centres), kn)  # noqa: E731
+  kn = _unit(k.astype(jnp.float32))
+  logits = lambda centres: scale * jnp.einsum('bkc,blc->bkl', _unit(centres), kn)  # noqa: E731
   centres = q.astype(jnp.float32)
   for _ in range(iters):
     a = jax.nn.softmax(logits(centres), axis=1)
@@ -65,6 +90,7 @@ class AssignAttention(nn.Module):
   dtype: Dtype = jnp.float32
   refine_iters: int = 0
   refine_scale: float = 10.0
+  refine_init: str = 'queries'
 
   @nn.compact
   def __call__(self, query: jnp.ndarray, key: jnp.ndarray, train: bool = False,
@@ -74,6 +100,12 @@ class AssignAttention(nn.Module):
     q = dense('q_proj')(query)
     k = dense('k_proj')(key)
     v = dense('v_proj')(key)
+    if self.refine_init == 'farthest':
+      if not self.refine_iters:
+        raise ValueError("binding.refine_init='farthest' seeds the k-means rounds: set binding.refine_iters > 0")
+      q = farthest_keys(k, q.shape[1])
+    elif self.refine_init != 'queries':
+      raise ValueError(f"binding.refine_init={self.refine_init!r}: expected 'queries' or 'farthest'")
     if self.refine_iters:
       q, raw = refine_queries(q, k, self.refine_iters, self.refine_scale)
     else:
@@ -118,6 +150,7 @@ class GroupingBlock(nn.Module):
   refine_iters: int = 0
   refine_scale: float = 10.0
   query_residual: bool = True
+  refine_init: str = 'queries'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, group_tokens: jnp.ndarray, train: bool = False,
@@ -143,7 +176,7 @@ class GroupingBlock(nn.Module):
     y = vit.CrossAttnBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.ln_eps, self.dtype,
                            name='pre_assign_attn')(g, x)
     assign = AssignAttention(self.assignment, self.tau, self.qkv_bias, self.dtype, self.refine_iters,
-                             self.refine_scale, name='assign')
+                             self.refine_scale, self.refine_init, name='assign')
     out, soft, hard, q, k = assign(y, x, train, deterministic)
     if self.query_residual:  # Eq. 6 residual. Without it a group holds only the patches assigned to it:
       out = out + y          # y attended to every patch, so it carries the whole image (README, issue 6)
