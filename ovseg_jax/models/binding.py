@@ -82,7 +82,8 @@ class AssignAttention(nn.Module):
   """Single-head assignment of the L patches to the K groups (paper Eq. 4-5).
 
   Returns (out [B, K, C], soft [B, K, L], hard [B, K, L], q [B, K, C], k [B, L, C]); `hard` is the map used
-  for the features (straight-through one-hot, or the soft map itself in 'soft' mode).
+  for the features (straight-through one-hot, or the soft map itself in 'soft' mode); `q` is q_proj(query),
+  or the refined centres when refine_iters > 0 (seeded at the queries or at `farthest_keys`).
   """
   assignment: str = 'gumbel_hard'
   tau: float = 1.0
@@ -103,7 +104,7 @@ class AssignAttention(nn.Module):
     if self.refine_init == 'farthest':
       if not self.refine_iters:
         raise ValueError("binding.refine_init='farthest' seeds the k-means rounds: set binding.refine_iters > 0")
-      q = farthest_keys(k, q.shape[1])
+      q = farthest_keys(k, q.shape[1])  # q_proj stays in the tree (and in the checkpoint) unused
     elif self.refine_init != 'queries':
       raise ValueError(f"binding.refine_init={self.refine_init!r}: expected 'queries' or 'farthest'")
     if self.refine_iters:
@@ -158,8 +159,8 @@ class GroupingBlock(nn.Module):
     """x [B, L, C] patch tokens, group_tokens [B, K_in, C].
 
     Returns dict: `x` new group tokens [B, K_out, C], `soft` / `hard` [B, K_out, L], `q` [B, K_out, C]
-    (q_proj of the assignment queries), `k` [B, L, C] (k_proj of LN_x patches), `assign_query` [B, K_out, C],
-    `assign_key` [B, L, C] (the assignment inputs).
+    (q_proj of the assignment queries, or the refined centres with refine_iters > 0), `k` [B, L, C] (k_proj
+    of LN_x patches), `assign_query` [B, K_out, C], `assign_key` [B, L, C] (the assignment inputs).
     `train` turns on Gumbel noise unless `deterministic` (then argmax straight-through, noise-free).
     """
     c = x.shape[-1]

@@ -63,8 +63,9 @@ class VisualEncoder(nn.Module):
 
     out = binding_lib.GroupingBlock(
         bc.num_output_groups, vc.num_heads, bc.assignment, bc.gumbel_tau, bc.token_mlp_ratio, vc.mlp_ratio,
-        vc.qkv_bias, vc.ln_eps, dtype, int(bc.get('refine_iters', 0)), float(bc.get('refine_scale', 10.0)),
-        bool(bc.get('query_residual', True)), str(bc.get('refine_init', 'queries')), name='binding')(x, groups, train, deterministic)
+        vc.qkv_bias, vc.ln_eps, dtype, refine_iters=int(bc.get('refine_iters', 0)),
+        refine_scale=float(bc.get('refine_scale', 10.0)), query_residual=bool(bc.get('query_residual', True)),
+        refine_init=str(bc.get('refine_init', 'queries')), name='binding')(x, groups, train, deterministic)
     g = out.pop('x')
     for j in range(d2):
       g = vit.constrain_batch(block(d1 + j, f'stage2_block{j}')(g, stochastic))
