@@ -1,4 +1,4 @@
-"""What did a tiny run learn? Image-level and group-level zero-shot recognition on synthetic images (issue 6).
+"""What did a tiny run learn? Image-level and group-level zero-shot recognition on synthetic images.
 
   python -m bench.e2e_diagnose --checkpoint runs/local/export                 # held-out split (seed 1)
   python -m bench.e2e_diagnose --checkpoint runs/local/export --split train    # i.i.d. images (seed 1)
@@ -22,11 +22,13 @@ It also splits the mIoU loss by stage (pixels at the training size, ignore band 
 It also counts the distinct assignment queries per image (`distinct_directions` of the K_out q vectors).
 """
 
-import argparse
+import sys
 
+from absl import flags
 import numpy as np
 from PIL import Image
 
+from ovseg_jax import cli
 from ovseg_jax import inference
 from ovseg_jax.data import augment
 from ovseg_jax.data import synthetic
@@ -79,15 +81,16 @@ def kmeans_partition(features: np.ndarray, k: int, iters: int = 20, seed: int = 
   return np.argmax(x @ centres.T, axis=1)
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--checkpoint', required=True)
-  p.add_argument('--split', default='val')
-  p.add_argument('--seed', type=int, default=1)
-  p.add_argument('--num_images', type=int, default=100)
-  a = p.parse_args()
-  seg = inference.Segmenter.from_checkpoint(a.checkpoint)
+@cli.entry_point
+def main(argv=None):
+  fv = flags.FlagValues()
+  flags.DEFINE_string('checkpoint', None, 'inference checkpoint (export / convert)', flag_values=fv)
+  flags.DEFINE_string('split', 'val', "synthetic split: 'val' (held-out) or 'train' (i.i.d.)", flag_values=fv)
+  flags.DEFINE_integer('seed', 1, 'synthetic image seed', flag_values=fv)
+  flags.DEFINE_integer('num_images', 100, 'images to render', flag_values=fv)
+  a = cli.parse(fv, argv, prog='python -m bench.e2e_diagnose', doc=__doc__, required=('checkpoint',),
+                eval_settings=True)
+  seg = inference.Segmenter.from_checkpoint(a.checkpoint, **a.eval)
   size, patch = int(seg.model_config.vision.img_size), seg.patch_size
   grid = size // patch
   classes = unit(seg.text_embedding(synthetic.SHAPES))
@@ -152,4 +155,4 @@ def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_thr
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -17,9 +17,13 @@ ids). BN statistics of `text_projector(tokens)` (official: every caption token g
 only need the hidden layer in the forward; its output layer is dead and XLA removes it.
 """
 
-import argparse
 import importlib
 import json
+import sys
+
+from absl import flags
+
+from ovseg_jax import cli
 
 
 def dense(m: int, k: int, n: int) -> float:
@@ -123,11 +127,12 @@ def inference_window(mc, window: int = 448, num_classes: int = 21) -> float:
           + dense(1 + k, mc.proj.out, num_classes))
 
 
+@cli.entry_point
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--config', default='configs/vitb.py')
-  p.add_argument('--batch', type=int, default=1)
-  args = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_string('config', 'configs/vitb.py', 'configs/X.py[:variant]', flag_values=fv)
+  flags.DEFINE_integer('batch', 1, 'images per step', flag_values=fv)
+  args = cli.parse(fv, argv, prog='python -m bench.flops', doc=__doc__)
   mod = importlib.import_module(args.config.replace('/', '.').removesuffix('.py'))
   out = {}
   for stage in (1, 2):
@@ -139,4 +144,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

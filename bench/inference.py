@@ -14,13 +14,13 @@ The authors' figures on this CPU (torch, vitb, 21 classes): 1.08 s per 448 windo
 448 x 673 slide.
 """
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,6 +28,7 @@ import numpy as np
 
 from configs import vitb as vitb_config
 from configs import vits as vits_config
+from ovseg_jax import cli
 from ovseg_jax import eval_datasets
 from ovseg_jax import inference
 
@@ -100,7 +101,7 @@ def bench_model(name: str, runs: int, batches) -> dict:
 def to_markdown(results, args, load) -> str:
   bs = [int(b) for b in args.batches.split(',')]
   lines = [
-      '', '## Inference (issue 5)', '',
+      '', '## Inference', '',
       f'Command: `.venv/bin/python -m bench.inference --models {args.models} --runs {args.runs} '
       f'--batches {args.batches}`. fp32, random init weights, 21 VOC classes, median of {args.runs} timed calls '
       f'after a warm-up call. Machine: {os.cpu_count()} shared cores, load average {load[0]:.1f} / '
@@ -123,13 +124,14 @@ def to_markdown(results, args, load) -> str:
   return '\n'.join(lines)
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--models', default='vits,vitb')
-  p.add_argument('--runs', type=int, default=5)
-  p.add_argument('--batches', default='1,2,4')
-  p.add_argument('--append', default=None, help='markdown file to append the results section to')
-  args = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_string('models', 'vits,vitb', 'comma-separated configs (configs/<name>.py)', flag_values=fv)
+  flags.DEFINE_integer('runs', 5, 'timed calls after one warm-up call', flag_values=fv)
+  flags.DEFINE_string('batches', '1,2,4', 'windows per call for the batched throughput', flag_values=fv)
+  flags.DEFINE_string('append', None, 'markdown file to append the results section to', flag_values=fv)
+  args = cli.parse(fv, argv, prog='python -m bench.inference', doc=__doc__)
   load0 = os.getloadavg()[0]
   results = []
   for name in args.models.split(','):

@@ -12,15 +12,17 @@ shared machine (the wall-clock rates drop when other jobs use the cores; the loa
 Prints a table and one JSON line.
 """
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
 
+from absl import flags
 import numpy as np
 from PIL import Image
+
+from ovseg_jax import cli
 
 _CAPTIONS = (
     'a man riding a horse on the beach at sunset', 'two dogs playing with a ball in the park',
@@ -72,10 +74,12 @@ def make_source(root: str, n: int, seed: int = 0) -> str:
 
 def bench_builder(tsv: str, out: str, workers: int, shard_size: int):
   from ovseg_jax.data import build_cc4m  # pylint: disable=g-import-not-at-top
+  from ovseg_jax.data import shard_writer  # pylint: disable=g-import-not-at-top
   tasks = build_cc4m.discover_tasks([tsv], shard_size=shard_size)
   t0 = time.time()
-  rep = build_cc4m.run_build(tasks, output=out, name='cc4m', split='train', opts=build_cc4m.Options(),
-                             num_workers=workers, overwrite=True, log=open(os.devnull, 'w'))
+  rep = shard_writer.run_build(tasks, build_cc4m.iter_task, output=out, name='cc4m', split='train',
+                               opts=shard_writer.Options(), num_workers=workers, overwrite=True,
+                               log=open(os.devnull, 'w'))
   dt = time.time() - t0
   return rep['counts']['seen'] / dt, rep
 
@@ -126,14 +130,15 @@ def bench_iterator(config, batches: int):
   return 2 * batches * it.per_host_batch / dt, startup
 
 
+@cli.entry_point
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--num_images', type=int, default=256)
-  p.add_argument('--size', type=int, default=224)
-  p.add_argument('--examples', type=int, default=200, help='examples timed per transform measurement')
-  p.add_argument('--workers', type=int, default=2, help='grain worker processes for the iterator run')
-  p.add_argument('--batch', type=int, default=32)
-  a = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_integer('num_images', 256, 'source images written', flag_values=fv)
+  flags.DEFINE_integer('size', 224, 'training image size', flag_values=fv)
+  flags.DEFINE_integer('examples', 200, 'examples timed per transform measurement', flag_values=fv)
+  flags.DEFINE_integer('workers', 2, 'grain worker processes for the iterator run', flag_values=fv)
+  flags.DEFINE_integer('batch', 32, 'iterator batch size', flag_values=fv)
+  a = cli.parse(fv, argv, prog='python -m bench.input_pipeline', doc=__doc__)
   from configs import common  # pylint: disable=g-import-not-at-top
   cpus = os.cpu_count()
   load = os.getloadavg()[0]

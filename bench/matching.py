@@ -14,15 +14,17 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 # rematerialization" warning on every compile; that gather is part of what is measured, the log line is noise.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ovseg_jax import cli  # noqa: E402
 from ovseg_jax import matching  # noqa: E402
 
 
@@ -37,12 +39,13 @@ def _median_ms(fn, x, runs: int) -> float:
   return statistics.median(times)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--runs', type=int, default=50)
-  parser.add_argument('--batch', type=int, default=256)
-  parser.add_argument('--sizes', default='4,8')
-  args = parser.parse_args()
+@cli.entry_point
+def main(argv=None):
+  fv = flags.FlagValues()
+  flags.DEFINE_integer('runs', 50, 'timed calls per method', flag_values=fv)
+  flags.DEFINE_integer('batch', 256, 'cost matrices per call', flag_values=fv)
+  flags.DEFINE_string('sizes', '4,8', 'comma-separated K (K x K cost matrices)', flag_values=fv)
+  args = cli.parse(fv, argv, prog='python -m bench.matching', doc=__doc__)
 
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
   sharding = jax.NamedSharding(mesh, jax.P('data'))
@@ -82,4 +85,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

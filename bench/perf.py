@@ -1,6 +1,6 @@
-"""Issue 7 performance table: our code vs the authors' PyTorch figures on this CPU, next to a measured peak.
+"""The performance table: our code vs the authors' PyTorch figures on this CPU, next to a measured peak.
 
-    python -m bench.perf [--parts window,slide,train,mfu,mask] [--runs 5] [--set model.dtype=bfloat16 ...]
+    python -m bench.perf [--parts window,slide,train,mfu,mask] [--runs 5] [--config.model.dtype=bfloat16 ...]
 
 One run prints, each next to the float32 matmul peak measured around its own calls (the CPU is shared, so
 every timed call gets its own peak and its MFU is taken against that one):
@@ -11,7 +11,7 @@ every timed call gets its own peak and its MFU is taken against that one):
   mask    vits stage-2 step with the matching + mask loss on vs off (same forward otherwise), alternated
 
 Everything is the real code: `train_step.jit_train_step` on a 1-device mesh (random init, the in-memory
-batch source) and `inference.Segmenter` with random init weights. fp32 unless `--set model.dtype=...`.
+batch source) and `inference.Segmenter` with random init weights. fp32 unless `--config.model.dtype=...`.
 Times are the median of `--runs` calls after one warm-up call (which compiles). MFU = model FLOPs / time /
 peak, with model FLOPs from the analytic count (bench/flops.py) and the peak sampled right before and after
 each call (`timed`); XLA's compiled cost analysis (all ops, incl. elementwise) is printed beside it.
@@ -21,7 +21,6 @@ aux arrays of the same shapes, so the teacher forward, the entity text pass and 
 the difference is exactly the mask logits + upsampling + matching cost + Hungarian + Dice (+ their backward).
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -29,6 +28,7 @@ import statistics
 import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,13 +37,14 @@ import numpy as np
 from bench import flops as flops_lib
 from configs import vitb as vitb_config
 from configs import vits as vits_config
+from ovseg_jax import cli
 from ovseg_jax import eval_datasets
 from ovseg_jax import inference
 from ovseg_jax import optim
 from ovseg_jax import sharding
 from ovseg_jax import tokenizer as tokenizer_lib
-from ovseg_jax import train_data
 from ovseg_jax import train_step as ts
+from tests import train_data
 
 CONFIGS = {'vits': vits_config, 'vitb': vitb_config}
 AUTHORS_S = {'window': 1.08, 'slide': 3.3, 'train_b8': 8.6, 'train_b4': 4.5}
@@ -273,16 +274,21 @@ def time_inference(name: str, runs: int, overrides=(), window_batch: int | None 
 
 # ------------------------------------------------------------------------------------------------ main
 
+@cli.entry_point
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--parts', default='window,slide,train,mfu,mask')
-  p.add_argument('--runs', type=int, default=5)
-  p.add_argument('--window_batch', type=int, default=None, help='eval.window_batch (default: config)')
-  p.add_argument('--set', action='append', default=[], help='config override, e.g. model.dtype=bfloat16')
-  p.add_argument('--ab', action='append', default=[],
-                 help='A/B instead of the table: --ab vits:1:8 --variant model.remat=full (alternated calls)')
-  p.add_argument('--variant', action='append', default=[])
-  args = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_string('parts', 'window,slide,train,mfu,mask', 'comma-separated parts of the table', flag_values=fv)
+  flags.DEFINE_integer('runs', 5, 'timed calls after one warm-up call', flag_values=fv)
+  flags.DEFINE_integer('window_batch', None, 'eval.window_batch (default: config)', flag_values=fv)
+  flags.DEFINE_multi_string('ab', [], 'A/B instead of the table: --ab vits:1:8 --variant model.remat=full '
+                            '(alternated calls)', flag_values=fv)
+  flags.DEFINE_multi_string('variant', [], 'KEY=VALUE of the A/B\'s variant side', flag_values=fv)
+  # --config.KEY=VALUE (e.g. --config.model.dtype=bfloat16) overrides the benchmarked configs; --set KEY=VALUE
+  # is its deprecated spelling.
+  argv = cli.rewrite_deprecated(cli.argv_or_sys(argv), {'--set': '--config.'})
+  argv, overrides = cli.pop_overrides(argv, '--config.')
+  args = cli.parse(fv, argv, prog='python -m bench.perf', doc=__doc__)
+  args.set = overrides
   if args.ab:
     for spec in args.ab:
       name, stage, batch = spec.split(':')
@@ -320,7 +326,7 @@ def main(argv=None) -> int:
 
 
 def table(out: dict) -> str:
-  """The markdown rows of the issue-7 table."""
+  """The markdown rows of the table in bench/RESULTS.md "Performance"."""
   rows = ['| measure | authors (torch, this CPU) | target | ours | peak GFLOP/s (same run) | MFU |',
           '|---|---|---|---|---|---|']
   inf = out.get('inference_vitb')

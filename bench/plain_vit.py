@@ -1,4 +1,4 @@
-"""A plain linen ViT-S/16 forward + backward: the MFU reference the Performance issue quotes (~55 % here).
+"""A plain linen ViT-S/16 forward + backward: the MFU reference of bench/RESULTS.md "Performance" (~55 % here).
 
 Nothing of ovseg_jax: a textbook ViT-S/16 (224 px, 197 tokens, 12 blocks, width 384, 6 heads, MLP 1536,
 pre-LN, GELU, a 1000-way head on [CLS]) and the gradient of its softmax cross-entropy, jitted once. It tells
@@ -8,15 +8,17 @@ step's MFU (`python -m bench.train_step`) can be read against it in the same run
     python -m bench.plain_vit [--batch_size 8] [--steps 3]
 """
 
-import argparse
 import json
 import sys
 import time
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ovseg_jax import cli
 
 
 class Block(nn.Module):
@@ -93,14 +95,15 @@ def fields(result: dict, peak_flops: float, prefix: str = '') -> dict:
           f'{prefix}mfu': round(result['gflops'] * 1e9 / result['step_s'] / peak_flops, 4)}
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m bench.plain_vit', description=__doc__.split('\n')[0])
-  p.add_argument('--batch_size', type=int, default=8)
-  p.add_argument('--steps', type=int, default=3)
-  args = p.parse_args(argv)
-  from ovseg_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  flags.DEFINE_integer('batch_size', 8, 'images per step', flag_values=fv)
+  flags.DEFINE_integer('steps', 3, 'timed steps after one warm-up step', flag_values=fv)
+  args = cli.parse(fv, argv, prog='python -m bench.plain_vit', doc=__doc__)
+  from ovseg_jax import train_monitor  # pylint: disable=g-import-not-at-top
   r = time_fwd_bwd(args.batch_size, args.steps)
-  peak = train_lib.measure_matmul_peak(2048)
+  peak = train_monitor.measure_matmul_peak(2048)
   print(json.dumps(dict(bench='plain_vit_s16', batch_size=args.batch_size, **fields(r, peak),
                         matmul_peak_gflops=round(peak / 1e9, 1))), flush=True)
   return 0

@@ -1,4 +1,4 @@
-"""Can the tiny visual encoder learn the synthetic classes at all? A supervised probe (issue 6 diagnosis).
+"""Can the tiny visual encoder learn the synthetic classes at all? A supervised probe.
 
   python -m bench.probe_encoder --steps 1000 --train_images 20000            # configs/tiny.py's encoder
   python -m bench.probe_encoder --steps 600 --patch_size 4 --lr 5e-4
@@ -13,9 +13,10 @@ the training size. Reports per-label and exact-set accuracy every `--every` step
 Predicting "absent" everywhere scores ~0.67 per label.
 """
 
-import argparse
+import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,6 +26,7 @@ from flax import linen as nn
 from PIL import Image
 
 from configs import tiny
+from ovseg_jax import cli
 from ovseg_jax.data import augment
 from ovseg_jax.data import synthetic
 from ovseg_jax.models import visual
@@ -52,20 +54,20 @@ class Probe(nn.Module):
     return nn.Dense(self.num_labels)(out['x'].mean(axis=1))
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--steps', type=int, default=600)
-  p.add_argument('--batch', type=int, default=32)
-  p.add_argument('--lr', type=float, default=1e-3)
-  p.add_argument('--patch_size', type=int, default=8)
-  p.add_argument('--train_images', type=int, default=6000)
-  p.add_argument('--labels', choices=('class', 'colour'), default='class')
-  p.add_argument('--every', type=int, default=250)
-  p.add_argument('--stem_channels', default=None,
-                 help="comma-separated conv stem widths, '' for the linear patch embed (default: configs/tiny.py's)")
-  p.add_argument('--channel_shuffle', action='store_true', help='permute the RGB channels of every training batch')
-  a = p.parse_args()
+@cli.entry_point
+def main(argv=None):
+  fv = flags.FlagValues()
+  flags.DEFINE_integer('steps', 600, 'training steps', flag_values=fv)
+  flags.DEFINE_integer('batch', 32, 'images per step', flag_values=fv)
+  flags.DEFINE_float('lr', 1e-3, 'Adam learning rate', flag_values=fv)
+  flags.DEFINE_integer('patch_size', 8, 'ViT patch size', flag_values=fv)
+  flags.DEFINE_integer('train_images', 6000, 'distinct training images', flag_values=fv)
+  flags.DEFINE_enum('labels', 'class', ['class', 'colour'], 'what the probe predicts', flag_values=fv)
+  flags.DEFINE_integer('every', 250, 'evaluate every N steps', flag_values=fv)
+  flags.DEFINE_string('stem_channels', None, "comma-separated conv stem widths, '' for the linear patch embed "
+                      "(default: configs/tiny.py's)", flag_values=fv)
+  flags.DEFINE_bool('channel_shuffle', False, 'permute the RGB channels of every training batch', flag_values=fv)
+  a = cli.parse(fv, argv, prog='python -m bench.probe_encoder', doc=__doc__)
   cfg = tiny.get_config()
   cfg.unlock()
   cfg.model.vision.patch_size = a.patch_size
@@ -109,4 +111,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

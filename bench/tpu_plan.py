@@ -31,11 +31,13 @@ if __name__ == '__main__':
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={_n}').strip()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
+from absl import flags  # noqa: E402
+
 from bench import flops as flops_lib  # noqa: E402
+from ovseg_jax import cli  # noqa: E402
 
 CC4M_PAIRS = 4.3e6
 EPOCHS = {1: 30, 2: 10}  # the authors' two-stage recipe = the paper's 40 epochs
@@ -122,14 +124,15 @@ def authors_a100_hours() -> float:
   return EPOCHS[1] * a['stage1_epoch_h'] * a['stage1_gpus'] + EPOCHS[2] * a['stage2_epoch_h'] * a['stage2_gpus']
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--devices', type=int, default=64)
-  p.add_argument('--global_batch', type=int, default=2048)
-  p.add_argument('--variants', default='s1:none,s2:none,s1:full,s2:full', help='stage:remat,...')
-  p.add_argument('--dtype', default='float32')
-  p.add_argument('--cpu_mfu', type=float, default=0.0, help='the MFU bench.perf measured (0: skip)')
-  args = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_integer('devices', 64, 'fake CPU devices = chips of the planned slice', flag_values=fv)
+  flags.DEFINE_integer('global_batch', 2048, 'global batch size', flag_values=fv)
+  flags.DEFINE_string('variants', 's1:none,s2:none,s1:full,s2:full', 'stage:remat,...', flag_values=fv)
+  flags.DEFINE_string('dtype', 'float32', 'config.model.dtype', flag_values=fv)
+  flags.DEFINE_float('cpu_mfu', 0.0, 'the MFU bench.perf measured (0: skip)', flag_values=fv)
+  args = cli.parse(fv, argv, prog='python -m bench.tpu_plan', doc=__doc__)
   results = []
   for v in filter(None, args.variants.split(',')):
     stage, remat = v.split(':')

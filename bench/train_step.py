@@ -13,25 +13,28 @@ The step is the trainer's (`train_step.jit_train_step`: all losses of the config
 AdamW), fed by the in-memory batch source. `--devices` fakes that many CPU devices (set before JAX starts).
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
+from absl import flags
+
+from ovseg_jax import cli  # absl flags only: JAX is not imported yet (--devices must come first)
+
 
 def _parse():
-  p = argparse.ArgumentParser(prog='python -m bench.train_step', description=__doc__.split('\n')[0])
-  p.add_argument('--config', default='configs/vits.py', help='configs/X.py[:variant]')
-  p.add_argument('--batch_size', type=int, default=8, help='global batch')
-  p.add_argument('--steps', type=int, default=3, help='timed steps after 1 warm-up step')
-  p.add_argument('--memory', action='store_true', help='AOT memory per device instead of timing')
-  p.add_argument('--devices', type=int, default=1, help='fake CPU devices')
-  p.add_argument('--matmul_n', type=int, default=2048, help='size of the peak-measuring matmul')
-  p.add_argument('--meshes', default='replicated,fsdp', help='memory mode: which meshes')
-  p.add_argument('--reference', action='store_true',
-                 help='also time a plain linen ViT-S/16 forward+backward at the same batch (bench/plain_vit.py)')
-  return p.parse_args()
+  fv = flags.FlagValues()
+  flags.DEFINE_string('config', 'configs/vits.py', 'configs/X.py[:variant]', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 8, 'global batch', flag_values=fv)
+  flags.DEFINE_integer('steps', 3, 'timed steps after 1 warm-up step', flag_values=fv)
+  flags.DEFINE_bool('memory', False, 'AOT memory per device instead of timing', flag_values=fv)
+  flags.DEFINE_integer('devices', 1, 'fake CPU devices', flag_values=fv)
+  flags.DEFINE_integer('matmul_n', 2048, 'size of the peak-measuring matmul', flag_values=fv)
+  flags.DEFINE_string('meshes', 'replicated,fsdp', 'memory mode: which meshes', flag_values=fv)
+  flags.DEFINE_bool('reference', False, 'also time a plain linen ViT-S/16 forward+backward at the same batch '
+                    '(bench/plain_vit.py)', flag_values=fv)
+  return cli.parse(fv, None, prog='python -m bench.train_step', doc=__doc__)
 
 
 ARGS = _parse()
@@ -45,10 +48,10 @@ from bench import plain_vit  # noqa: E402  pylint: disable=g-import-not-at-top
 from ovseg_jax import optim  # noqa: E402  pylint: disable=g-import-not-at-top
 from ovseg_jax import sharding  # noqa: E402  pylint: disable=g-import-not-at-top
 from ovseg_jax import tokenizer as tokenizer_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from ovseg_jax import train as train_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from ovseg_jax import train_data  # noqa: E402  pylint: disable=g-import-not-at-top
+from ovseg_jax import train_monitor  # noqa: E402  pylint: disable=g-import-not-at-top
 from ovseg_jax import train_step as ts  # noqa: E402  pylint: disable=g-import-not-at-top
 from ovseg_jax.convert.__main__ import load_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from tests import train_data  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _config(mesh):
@@ -119,7 +122,7 @@ def speed() -> None:
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0], rng).compile()
   compile_s = time.perf_counter() - t0
-  flops = train_lib.compiled_flops(compiled)
+  flops = train_monitor.compiled_flops(compiled)
   state, m = compiled(state, batches[0], rng)
   jax.block_until_ready(m)
   times = []
@@ -129,7 +132,7 @@ def speed() -> None:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   ref = plain_vit.time_fwd_bwd(ARGS.batch_size, ARGS.steps) if ARGS.reference else None
-  peak = train_lib.measure_matmul_peak(ARGS.matmul_n)
+  peak = train_monitor.measure_matmul_peak(ARGS.matmul_n)
   sec = float(np.median(times))
   extra = {} if ref is None else plain_vit.fields(ref, peak, prefix='plain_vit_s16_')
   print(json.dumps(dict(

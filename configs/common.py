@@ -1,6 +1,7 @@
 """Shared defaults for every OVSegmentor config: the authors' recipe (official code behaviour).
 
-Every default lives here or in the per-model config files, never scattered through the code. Configs are
+Every default lives here or in the per-model config files, never scattered through the code; the one
+exception is `c.eval`, built from ovseg_jax/eval_config.py, which inference needs without a config. Configs are
 returned locked (`lock()`), so a misspelt override such as `--config.optim.lr=1` fails with the list of
 valid keys instead of being silently ignored.
 
@@ -13,6 +14,8 @@ Paper-vs-code choices (see README "Paper vs. official code"):
 """
 
 import ml_collections
+
+from ovseg_jax import eval_config
 
 
 def model_config(*, width: int, depth: int = 12, heads: int = 8, text_width: int = 768,
@@ -41,13 +44,6 @@ def model_config(*, width: int, depth: int = 12, heads: int = 8, text_width: int
       assignment='gumbel_hard',        # 'gumbel_hard' (official, train) | 'soft' (paper Eq. 4)
       token_mlp_ratio=0.5,             # hidden width of the K_in->K_out token-mixing MLP, x width
       gumbel_tau=1.0,
-      group_token_std=0.02,            # init std of the K_in group tokens (official trunc_normal .02)
-      refine_iters=0,                  # >0: soft k-means rounds on the keys before Eq. 4 (not in the paper;
-      refine_scale=10.0,               #     binding.refine_queries); the cosine scale of those rounds
-      refine_init='queries',           # where the rounds start: the learned queries | 'farthest' keys
-                                       #     (binding.farthest_keys; not in the paper)
-      query_residual=True,             # Eq. 6 residual: new group = pooled patches + its query (official);
-                                       # False keeps the pooled patches only (not in the paper)
   ))
   m.text = ml_collections.ConfigDict(dict(
       vocab_size=vocab_size,
@@ -85,11 +81,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       entity_weight=1.0,
       mask_weight=0.1,                 # lambda of Eq. 13 once the mask loss is on
-      group_diversity_weight=0.0,      # not in the paper: see losses.group_diversity_loss (0 = off)
-      group_entity_weight=0.0,         # not in the paper: losses.group_entity_loss (0 = off)
-      group_entity_bg_weight=0.0,      # its pull of unselected groups to uniform (background)
-      group_entity_vocab='',           # entity vocabulary it classifies over; '' = the dataset's
-      group_entity_template='a photo of a {}.',  # prompt of each entity (eval.templates='simple')
       mask_start_fraction=0.75,        # paper_single recipe: mask loss starts after 30 of 40 epochs
       mask_cost='l2',                  # Hungarian cost: 'l2' (official cdist) | 'neg_cos' (paper)
       dice_norm='official',            # 'official' (sum_b / K) | 'mean'
@@ -126,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
       init_bert='',                    # Orbax dir from `convert bert`
       init_teacher_from_student=True,  # stage 2: teacher <- stage-1 visual encoder
       deterministic=False,             # no drop-path, dropout or Gumbel noise (parity tests)
-      # Official quirk (notes §1.3): the text projector also runs on every token of every text in train
+      # Authors' quirk (docs/paper_vs_authors.md Q7): the text projector also runs on every token of every text in train
       # mode, so its BN running statistics mix [CLS] and (mostly padding) token statistics. False keeps
       # the statistics on the [CLS] embeddings that inference actually projects.
       text_bn_all_tokens=True,
@@ -151,13 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
       answer_template='',
   ))
 
-  c.eval = ml_collections.ConfigDict(dict(
-      short_side=448, window=448, stride=224, window_batch=4,
-      long_side=2048,                  # mmcv imrescale scale (2048, 448): the long side is capped here
-      templates='simple',              # 'simple' ("a photo of a {}.") | 'imagenet80'
-      bg_threshold=0.95,
-      top_k=5,
-  ))
+  # Segmentation settings (short_side, window, stride, templates, bg_threshold, ...). Their defaults live in
+  # the package, so inference without a config file has them too; an exported checkpoint carries these.
+  c.eval = eval_config.defaults()
 
   c.mesh = (('data', -1), ('fsdp', 1))  # axis name, size (-1: all remaining devices)
   # Parameter / optimizer-state / EMA sharding (sharding.py): (regex on the '/'-joined path, rule), first
@@ -199,7 +186,7 @@ def apply_binding_mode(c: ml_collections.ConfigDict, mode: str) -> None:
 
 
 def apply_stage(c: ml_collections.ConfigDict, stage: int) -> None:
-  """Stage 2 of the authors' recipe: mask loss on, text encoder frozen, stage-2 lr (official notes §3)."""
+  """Stage 2 of the authors' recipe: mask loss on, text encoder frozen, stage-2 lr (docs/paper_vs_authors.md Q18)."""
   c.stage = stage
   if stage == 2:
     c.optim.base_lr, c.optim.warmup_lr, c.optim.min_lr = 1e-5, 4e-6, 1e-6

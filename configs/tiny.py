@@ -7,7 +7,7 @@ Variants: ablation=all|contrast|entity|mask (which losses are on), binding=offic
 The model is trained from scratch (no DINO/BERT download is possible offline), single run with the mask loss
 switched on for the last quarter (the paper's single-run schedule). Two choices are not the authors' and exist
 for the from-scratch CPU budget: a small conv stem in front of the patch projection, and random RGB channel
-permutation of the training images (README, issue 6).
+permutation of the training images (bench/RESULTS.md "End to end").
 """
 
 from configs import common

@@ -4,7 +4,7 @@
   python -m ovseg_jax.train --config=configs/vitb.py:stage=2 --config.train.init_from=gs://bucket/run ...
   python -m ovseg_jax.train --config=configs/vitb.py:binding=paper ...   # paper form of the binding module
 
-Reproduces the released checkpoint's recipe (official notes §1.1, §3): stage 1 is 30 epochs at global batch
+Reproduces the released checkpoint's recipe (docs/paper_vs_authors.md Q2, Q18): stage 1 is 30 epochs at global batch
 4096, lr 6.4e-4; stage 2 is 10 epochs at 1024, lr 1e-5, with the mask loss and a frozen text encoder.
 """
 

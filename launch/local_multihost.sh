@@ -2,7 +2,7 @@
 # Multi-host training on one machine: NPROC local JAX processes with DEVICES_PER_PROC fake CPU devices each,
 # joined through a coordinator on 127.0.0.1 (README.md (section "Launching")). This is how multi-host code is tested here.
 #
-# Each process runs launch/train_and_report.py: the trainer (same flags, same train_and_evaluate) plus a final
+# Each process runs launch/train_and_report.py: the trainer (same flags, same train.train) plus a final
 # `final: {...}` line on every process, since the trainer itself prints progress on process 0 only.
 #
 # How the processes find each other: the trainer calls jax.distributed.initialize() with no arguments for

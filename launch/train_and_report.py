@@ -2,7 +2,7 @@
 
 launch/local_multihost.sh and tests/test_multihost.py run this instead of the bare trainer, because the trainer
 prints progress on process 0 only, while the multi-host check is that every process ends with the same loss.
-Same flags as the trainer (it defines them): --config=configs/X.py[:variant] --workdir=DIR [--config.k=v ...].
+Same flags as the trainer (it defines them): --config=configs/X.py[:variant] --workdir=DIR [--config.KEY=VALUE ...].
 """
 
 import json
@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from ovseg_jax import errors  # noqa: E402
 from ovseg_jax import train  # noqa: E402  (defines --config and --workdir)
 
 REPORTED = ('loss', 'loss_contrast', 'loss_entity', 'loss_mask', 'lr', 'grad_norm')
@@ -23,12 +24,12 @@ def main(argv):
   del argv
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None or not workdir:
-    print('usage: python launch/train_and_report.py --config=configs/X.py[:variant] --workdir=DIR '
-          '[--config.key=value ...]', file=sys.stderr)
+    print('error: --config and --workdir are required: python launch/train_and_report.py '
+          '--config=configs/X.py[:variant] --workdir=DIR [--config.KEY=VALUE ...]', file=sys.stderr)
     return 2
   try:
-    out = train.train_and_evaluate(config, workdir)
-  except (train.UsageError, train.TrainingDiverged, FileNotFoundError) as e:
+    out = train.train(config, workdir)
+  except (errors.UsageError, train.TrainingDiverged, FileNotFoundError) as e:
     print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
     return 1
   import jax  # pylint: disable=g-import-not-at-top
@@ -40,4 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=train.parse_flags)  # the trainer's one-line flag errors and --help

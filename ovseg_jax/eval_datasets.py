@@ -1,4 +1,6 @@
-"""Readers for the zero-shot segmentation benchmarks in their standard on-disk layouts (official notes §6).
+"""Readers for the zero-shot segmentation benchmarks in their standard on-disk layouts.
+
+Class names and labels as the authors evaluate them: docs/paper_vs_authors.md Q27, Q28.
 
   voc          PASCAL VOC2012 val (1449):  ImageSets/Segmentation/val.txt, JPEGImages/, SegmentationClass/
   context      PASCAL Context-59 (5105):    VOC2010 + ImageSets/SegmentationContext/val.txt,
@@ -40,7 +42,7 @@ COCO_OBJECT_CLASSES = (
     'remote', 'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book',
     'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')
 
-# The authors' per-dataset background thresholds (official notes §2.4). 'folder' uses config.eval.
+# The authors' per-dataset background thresholds (docs/paper_vs_authors.md Q26). 'folder' uses config.eval.
 BG_THRESHOLDS = {'voc': 0.95, 'context': 0.35, 'coco_object': 0.9}
 DATASETS = ('voc', 'context', 'coco_object', 'folder')
 CLASS_NAMES_FILE = 'class_names.txt'

@@ -1,58 +1,58 @@
-"""Zero-shot segmentation benchmark: mIoU / aAcc of a checkpoint on VOC, Context, COCO Object or a folder.
+r"""Zero-shot segmentation benchmark: mIoU / aAcc of a checkpoint on VOC, Context, COCO Object or a folder.
 
   python -m ovseg_jax.evaluate --checkpoint DIR --dataset voc --data_dir VOCdevkit/VOC2012 \
       --output metrics.json [--max_images N] [--class_names FILE] [--background_threshold 0.95] \
-      [--templates simple|imagenet80] [--window_batch 4] [--save_predictions DIR]
+      [--eval.templates=imagenet80] [--eval.window_batch=4] [--save_predictions DIR]
   python -m ovseg_jax.evaluate --predictions DIR --dataset folder --data_dir D --output metrics.json
 
-The protocol is the authors' (official notes §2, §6): short side 448, 448/224 sliding windows, the single
+The protocol is the authors' (docs/paper_vs_authors.md Q25-Q27): short side 448, 448/224 sliding windows, the single
 prompt "a photo of a {}.", the per-dataset background threshold (VOC 0.95, Context 0.35, COCO Object 0.9),
 IoU accumulated over the whole split with ignore label 255, mIoU = nanmean over classes. `--predictions`
 scores saved label PNGs (<name>.png, channel order of the dataset's class list) instead of running a model;
-`--save_predictions` writes such PNGs (VOC palette).
+`--save_predictions` writes such PNGs (VOC palette). `--eval.KEY=VALUE` overrides one eval setting (window,
+stride, short_side, templates, ...) over the one the checkpoint was exported with.
 
 Prints a per-class table to stdout and writes a JSON with every number (percentages, like the paper).
 """
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 
+from absl import flags
 import numpy as np
 
+from ovseg_jax import cli
 from ovseg_jax import eval_datasets
 from ovseg_jax import metrics as metrics_lib
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m ovseg_jax.evaluate', description=__doc__.split('\n')[0])
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument('--checkpoint', help='inference checkpoint folder (convert official / export)')
-  src.add_argument('--predictions', help='folder of predicted label PNGs <name>.png to score instead')
-  p.add_argument('--dataset', required=True, choices=eval_datasets.DATASETS)
-  p.add_argument('--data_dir', required=True, help='dataset root (VOC2012, VOC2010, COCO root or a folder)')
-  p.add_argument('--class_names', help='file with one class name per line (background first) to override')
-  p.add_argument('--output', required=True, help='metrics JSON path')
-  p.add_argument('--max_images', type=int, default=None, help='evaluate the first N images only')
-  p.add_argument('--background_threshold', type=float, default=None,
-                 help='default: the dataset\'s (VOC 0.95, Context 0.35, COCO Object 0.9) or eval.bg_threshold')
-  p.add_argument('--templates', choices=('simple', 'imagenet80'), default=None,
-                 help='prompt templates (default eval.templates = simple)')
-  p.add_argument('--window_batch', type=int, default=None, help='windows per forward pass')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='any other config.eval key, e.g. --set short_side=448 (repeatable)')
-  p.add_argument('--save_predictions', help='folder to write predicted label PNGs into')
-  return p.parse_args(argv)
+# Old spellings of eval settings, accepted until cli.REMOVED_IN with a deprecation line.
+DEPRECATED = {'--set': '--eval.', '--templates': '--eval.templates', '--window_batch': '--eval.window_batch'}
 
 
-def _overrides(args) -> dict:
-  from ovseg_jax import inference  # pylint: disable=g-import-not-at-top
-  out = inference.parse_eval_overrides(args.set)
-  out.update(templates=args.templates, window_batch=args.window_batch)
-  return out
+def parse_args(argv=None):
+  """Flags -> namespace; `.eval` holds the --eval.KEY=VALUE overrides given (cli.parse)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string('checkpoint', None, 'inference checkpoint folder (convert official / export)',
+                      flag_values=fv)
+  flags.DEFINE_string('predictions', None, 'folder of predicted label PNGs <name>.png to score instead',
+                      flag_values=fv)
+  flags.DEFINE_enum('dataset', None, eval_datasets.DATASETS, 'benchmark layout', flag_values=fv)
+  flags.DEFINE_string('data_dir', None, 'dataset root (VOC2012, VOC2010, COCO root or a folder)', flag_values=fv)
+  flags.DEFINE_string('class_names', None, 'file with one class name per line (background first) to override',
+                      flag_values=fv)
+  flags.DEFINE_string('output', None, 'metrics JSON path', flag_values=fv)
+  flags.DEFINE_integer('max_images', None, 'evaluate the first N images only', flag_values=fv)
+  flags.DEFINE_float('background_threshold', None, 'default: the dataset\'s (VOC 0.95, Context 0.35, '
+                     'COCO Object 0.9) or eval.bg_threshold', flag_values=fv)
+  flags.DEFINE_string('save_predictions', None, 'folder to write predicted label PNGs into', flag_values=fv)
+  argv = cli.rewrite_deprecated(cli.argv_or_sys(argv), DEPRECATED)
+  return cli.parse(fv, argv, prog='python -m ovseg_jax.evaluate', doc=__doc__,
+                   required=('dataset', 'data_dir', 'output'), one_of=[('checkpoint', 'predictions')],
+                   eval_settings=True)
 
 
 def format_table(class_names, scores: dict) -> str:
@@ -78,7 +78,7 @@ def evaluate(args) -> dict:
   segmenter, threshold, eval_cfg = None, None, None
   if args.checkpoint:
     from ovseg_jax import inference  # pylint: disable=g-import-not-at-top
-    segmenter = inference.Segmenter.from_checkpoint(args.checkpoint, **_overrides(args))
+    segmenter = inference.Segmenter.from_checkpoint(args.checkpoint, **args.eval)
     eval_cfg = segmenter.eval_config
     threshold = next(t for t in (args.background_threshold, ds.bg_threshold, eval_cfg.bg_threshold)
                      if t is not None)
@@ -126,6 +126,7 @@ def evaluate(args) -> dict:
   }
 
 
+@cli.entry_point
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:

@@ -16,37 +16,22 @@ torch (convert/torch_save.py). `img_encoder_momentum.*` is the EMA teacher (the 
 `convert official` folder) when there is one, else the online img_encoder. `python -m ovseg_jax.convert
 official --src ckpt.pth` reads it back to the same arrays.
 """
-import argparse
 import sys
 
+from absl import flags
+
 from ovseg_jax import checkpoint as ckpt_lib
+from ovseg_jax import cli
 from ovseg_jax import fileio
-
-
-def _read_workdir(workdir: str, step: int | None):
-  """-> (config ConfigDict of WORKDIR/config.json, raw saved train state (numpy), step)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  config_path = fileio.join(workdir, 'config.json')
-  if not fileio.isfile(config_path):
-    raise FileNotFoundError(f'{workdir} is not a training workdir: {config_path} is missing')
-  config = ml_collections.ConfigDict(json.loads(fileio.read_text(config_path)))
-  ckpt = ckpt_lib.TrainCheckpointer(ckpt_lib.train_checkpoint_dir(workdir), save_every=1, keep=0)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no training checkpoint in {ckpt.directory}')
-  state = ckpt.restore_params(step)
-  ckpt.close()
-  return config, state, int(step)
 
 
 def export(workdir: str, dst: str, step: int | None = None) -> str:
   """-> the absolute path of the written inference checkpoint."""
-  config, state, step = _read_workdir(workdir, step)
+  config, state, step = ckpt_lib.read_workdir(workdir, step)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   meta = {'source': fileio.abspath(workdir), 'step': int(step), 'exporter': 'ovseg_jax.export',
-          'stage': config.get('stage'), 'recipe': config.get('recipe'),
-          'eval': config.eval.to_dict() if 'eval' in config else {}}  # Segmenter's defaults for this model
+          'stage': config.stage, 'recipe': config.recipe,
+          'eval': config.eval.to_dict()}  # Segmenter's defaults for this model
   return ckpt_lib.save_inference(dst, config.model, variables, meta)
 
 
@@ -58,24 +43,19 @@ def export_official(dst: str, *, workdir: str | None = None, checkpoint: str | N
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from ovseg_jax.convert import official_export  # pylint: disable=g-import-not-at-top
   from ovseg_jax.convert import torch_save  # pylint: disable=g-import-not-at-top
   if (workdir is None) == (checkpoint is None):
     raise ValueError('give exactly one of --workdir and --checkpoint')
   if workdir is not None:
-    config, state, step = _read_workdir(workdir, step)
+    config, state, step = ckpt_lib.read_workdir(workdir, step)
     model_config, teacher = config.model, state.get('ema') or None
     variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-    cross_threshold = config.loss.cross_threshold if 'loss' in config else 0.6
-    provenance = {'source': fileio.abspath(workdir), 'step': step, 'stage': config.get('stage')}
+    cross_threshold = config.loss.cross_threshold
+    provenance = {'source': fileio.abspath(workdir), 'step': step, 'stage': config.stage}
   else:
     model_config, variables = ckpt_lib.load_inference(checkpoint)
-    teacher_dir = fileio.join(fileio.abspath(checkpoint), 'teacher')
-    teacher = None
-    if fileio.isdir(teacher_dir):  # written by `convert official` for a stage-2 file
-      with ocp.StandardCheckpointer() as ckptr:
-        teacher = ckptr.restore(teacher_dir)['params']
+    teacher = ckpt_lib.load_teacher(checkpoint)  # written by `convert official` for a stage-2 file
     meta = ckpt_lib.load_meta(checkpoint)
     cross_threshold = 0.6
     provenance = {'source': fileio.abspath(checkpoint), 'step': meta.get('step')}
@@ -86,18 +66,20 @@ def export_official(dst: str, *, workdir: str | None = None, checkpoint: str | N
   return torch_save.save(obj, dst)
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m ovseg_jax.export', description=__doc__.split('\n')[0])
-  parser.add_argument('--format', choices=('inference', 'official'), default='inference',
-                      help="inference: Orbax folder for segment / evaluate; official: the authors' PyTorch .pth")
-  src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument('--workdir', help='training workdir (config.json + checkpoints/)')
-  src.add_argument('--checkpoint', help='inference-checkpoint folder (export / convert official); '
-                   '--format official only')
-  parser.add_argument('--dst', required=True,
-                      help='output inference-checkpoint folder, or the .pth file for --format official')
-  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
-  args = parser.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_enum('format', 'inference', ['inference', 'official'],
+                    "inference: Orbax folder for segment / evaluate; official: the authors' PyTorch .pth",
+                    flag_values=fv)
+  flags.DEFINE_string('workdir', None, 'training workdir (config.json + checkpoints/)', flag_values=fv)
+  flags.DEFINE_string('checkpoint', None, 'inference-checkpoint folder (export / convert official); '
+                      '--format official only', flag_values=fv)
+  flags.DEFINE_string('dst', None, 'output inference-checkpoint folder, or the .pth file for --format official',
+                      flag_values=fv)
+  flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)', flag_values=fv)
+  args = cli.parse(fv, argv, prog='python -m ovseg_jax.export', doc=__doc__, required=('dst',),
+                   one_of=[('workdir', 'checkpoint')])
   try:
     if args.format == 'official':
       path = export_official(args.dst, workdir=args.workdir, checkpoint=args.checkpoint, step=args.step)

@@ -1,18 +1,19 @@
-"""File access for local and remote (gs://, s3://, ...) paths: the one way the trainer, export, the checkpoint
-readers and the sweep summary touch files outside Orbax.
+"""File access for local and remote (gs://, s3://, ...) paths: the one way the trainer, checkpoint.py (every
+JSON file of every on-disk format) and the sweep summary touch files outside Orbax.
 
 Built on `etils.epath` (an Orbax dependency). Local paths use the os backend (builtin open, os.makedirs), so a
 local run behaves exactly as with the builtins. Remote paths use TensorFlow's gfile when TensorFlow is installed,
 else fsspec, which needs the filesystem package of the scheme (gs:// -> gcsfs); Orbax's CheckpointManager also
 imports google-cloud-storage for gs:// (gcsfs depends on it). Neither is in requirements.txt (gcsfs brings
 grpcio, cryptography and the google-cloud stack; launch/tpu_pod.sh installs it on the workers): a missing one is
-reported as a `RemoteBackendError`, one line naming the package to install, before anything is written.
+reported as a `RemoteBackendError` (a UsageError), one line naming the package to install, before anything is
+written.
 
   fileio.makedirs(workdir)
   with fileio.open(fileio.join(workdir, 'config.json'), 'w') as f: ...
   if fileio.isdir(fileio.join(path, 'teacher')): ...
 
-Object stores have no append: `write_text` rewrites a whole file (see train.MetricWriter for metrics.jsonl).
+Object stores have no append: `write_text` rewrites a whole file (see train_monitor.MetricWriter for metrics.jsonl).
 """
 
 import builtins
@@ -20,11 +21,13 @@ import functools
 import importlib.util
 import os
 
+from ovseg_jax import errors
+
 # The fsspec filesystem package each remote scheme needs when epath runs without TensorFlow.
 FSSPEC_PACKAGES = {'gs': 'gcsfs', 's3': 's3fs', 'az': 'adlfs', 'hf': 'huggingface_hub'}
 
 
-class RemoteBackendError(ValueError):
+class RemoteBackendError(errors.UsageError):
   """A remote path whose filesystem package is not installed (one line, names the package)."""
 
 

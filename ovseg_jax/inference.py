@@ -1,4 +1,4 @@
-"""Zero-shot semantic segmentation with a trained OVSegmentor (paper Eq. 1, official notes §2).
+"""Zero-shot semantic segmentation with a trained OVSegmentor (paper Eq. 1; docs/paper_vs_authors.md Q25).
 
 The pipeline is the authors' (GroupViT's `GroupViTSegInference` inside mmseg 0.18 slide inference):
 
@@ -34,40 +34,17 @@ import ml_collections
 import numpy as np
 
 from ovseg_jax import checkpoint
+from ovseg_jax import eval_config
+from ovseg_jax import prompts
 from ovseg_jax import resize as resize_lib
 from ovseg_jax import tokenizer as tokenizer_lib
 from ovseg_jax.models.ovsegmentor import OVSegmentor
+from ovseg_jax.normalize import l2_normalize
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 STD = np.array([58.395, 57.12, 57.375], np.float32)
 BACKGROUND = 'background'
 
-# The authors' segmentation prompt (`template: simple`).
-SIMPLE_TEMPLATES = ('a photo of a {}.',)
-# The 80 ImageNet prompt templates of CLIP (GroupViT's `full_imagenet_templates`, in that order).
-IMAGENET80_TEMPLATES = (
-    'a bad photo of a {}.', 'a photo of many {}.', 'a sculpture of a {}.', 'a photo of the hard to see {}.',
-    'a low resolution photo of the {}.', 'a rendering of a {}.', 'graffiti of a {}.', 'a bad photo of the {}.',
-    'a cropped photo of the {}.', 'a tattoo of a {}.', 'the embroidered {}.', 'a photo of a hard to see {}.',
-    'a bright photo of a {}.', 'a photo of a clean {}.', 'a photo of a dirty {}.', 'a dark photo of the {}.',
-    'a drawing of a {}.', 'a photo of my {}.', 'the plastic {}.', 'a photo of the cool {}.',
-    'a close-up photo of a {}.', 'a black and white photo of the {}.', 'a painting of the {}.',
-    'a painting of a {}.', 'a pixelated photo of the {}.', 'a sculpture of the {}.', 'a bright photo of the {}.',
-    'a cropped photo of a {}.', 'a plastic {}.', 'a photo of the dirty {}.', 'a jpeg corrupted photo of a {}.',
-    'a blurry photo of the {}.', 'a photo of the {}.', 'a good photo of the {}.', 'a rendering of the {}.',
-    'a {} in a video game.', 'a photo of one {}.', 'a doodle of a {}.', 'a close-up photo of the {}.',
-    'a photo of a {}.', 'the origami {}.', 'the {} in a video game.', 'a sketch of a {}.', 'a doodle of the {}.',
-    'a origami {}.', 'a low resolution photo of a {}.', 'the toy {}.', 'a rendition of the {}.',
-    'a photo of the clean {}.', 'a photo of a large {}.', 'a rendition of a {}.', 'a photo of a nice {}.',
-    'a photo of a weird {}.', 'a blurry photo of a {}.', 'a cartoon {}.', 'art of a {}.', 'a sketch of the {}.',
-    'a embroidered {}.', 'a pixelated photo of a {}.', 'itap of the {}.', 'a jpeg corrupted photo of the {}.',
-    'a good photo of a {}.', 'a plushie {}.', 'a photo of the nice {}.', 'a photo of the small {}.',
-    'a photo of the weird {}.', 'the cartoon {}.', 'art of the {}.', 'a drawing of the {}.',
-    'a photo of the large {}.', 'a black and white photo of a {}.', 'the plushie {}.', 'a dark photo of a {}.',
-    'itap of a {}.', 'graffiti of the {}.', 'a toy {}.', 'itap of my {}.', 'a photo of a cool {}.',
-    'a photo of a small {}.', 'a tattoo of the {}.',
-)
-TEMPLATES = {'simple': SIMPLE_TEMPLATES, 'imagenet80': IMAGENET80_TEMPLATES}
 
 _TEXT_CHUNK = 256  # prompts per BERT call when building class embeddings (bounds memory for 80 templates)
 
@@ -85,53 +62,13 @@ def rescale_size(h: int, w: int, short_side: int = 448, long_side: int = 2048) -
   return int(h * f + 0.5), int(w * f + 0.5)
 
 
-@functools.lru_cache(maxsize=64)
-def bilinear_taps_f32(in_size: int, out_size: int):
-  """Torch's CPU bilinear taps (align_corners=False) along one axis: (i0, i1 int64 [out], w0, w1 float32 [out]).
-
-  Computed in float32 as torch does: src = max(fma(in/out, dst + 0.5, -0.5), 0), i0 = floor(src),
-  w1 = src - i0, w0 = 1 - w1. `resize.interpolation_matrix` holds the same weights computed in float64; for
-  ratios like 451/673 the float32 source coordinate differs by up to ~3e-5 pixel, which moves resized uint8
-  values by up to ~3e-3. With torch's rounding (its compiled kernel fuses the multiply-add; emulated here in
-  float64, exact for float32 operands) the resize agrees with torch to float32 rounding.
-  """
-  scale = np.float32(in_size) / np.float32(out_size)
-  dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
-  src = (np.float64(scale) * dst.astype(np.float64) - 0.5).astype(np.float32)
-  src = np.maximum(src, np.float32(0))
-  i0 = np.minimum(src.astype(np.int64), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
-  return i0, i1, np.float32(1) - w1, w1
-
-
-def _lerp(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
-  i0, i1, w0, w1 = bilinear_taps_f32(x.shape[axis], out_size)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  return np.take(x, i0, axis) * w0.reshape(shape) + np.take(x, i1, axis) * w1.reshape(shape)
-
-
-def resize_hw(x: np.ndarray, out_hw: tuple[int, int], axes: tuple[int, int]) -> np.ndarray:
-  """float32 torch-exact bilinear resize (align_corners=False, no antialias) of two axes of a NumPy array.
-
-  Two taps per output pixel (O(output), not a dense [out, in] matmul), width first, then height: torch's
-  order, out = w0_h (w0_w x00 + w1_w x01) + w1_h (w0_w x10 + w1_w x11).
-  """
-  x = np.asarray(x, np.float32)
-  ha, wa = (a % x.ndim for a in axes)
-  if (x.shape[ha], x.shape[wa]) == tuple(out_hw):
-    return x
-  return _lerp(_lerp(x, wa, out_hw[1]), ha, out_hw[0])
-
-
 def preprocess(image: np.ndarray, short_side: int = 448, long_side: int = 2048) -> np.ndarray:
   """uint8 RGB [H, W, 3] -> normalised float32 [h, w, 3] at the mmcv-rescaled size (step 1 above).
 
   The resize runs on the float values and is not re-quantised to uint8 (the golden reference does the same).
   """
   h, w = image.shape[:2]
-  x = resize_hw(image.astype(np.float32), rescale_size(h, w, short_side, long_side), axes=(0, 1))
+  x = resize_lib.resize_hw(image.astype(np.float32), rescale_size(h, w, short_side, long_side), axes=(0, 1))
   return (x - MEAN) / STD
 
 
@@ -178,7 +115,7 @@ def slide_inference(x: np.ndarray, window_fn, window: int, stride: int, window_b
 
 def scores_from_logits(logits: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   """float32 [C, h, w] averaged logits -> softmax_C of their bilinear resize to out_hw: [C, H, W]."""
-  z = resize_hw(logits, out_hw, axes=(1, 2))
+  z = resize_lib.resize_hw(logits, out_hw, axes=(1, 2))
   z = np.exp(z - z.max(axis=0, keepdims=True))
   return (z / z.sum(axis=0, keepdims=True)).astype(np.float32)
 
@@ -186,11 +123,6 @@ def scores_from_logits(logits: np.ndarray, out_hw: tuple[int, int]) -> np.ndarra
 # ------------------------------------------------------------------------------------------------------------
 # Eq. 1 as pure functions of arrays (jit-friendly).
 # ------------------------------------------------------------------------------------------------------------
-
-def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
-  """x / max(||x||_2, eps) over the last axis (torch `F.normalize`)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
 
 def group_class_affinity(image_feat: jnp.ndarray, image_x: jnp.ndarray, text_emb: jnp.ndarray,
                          scale: jnp.ndarray, top_k: int = 5) -> jnp.ndarray:
@@ -250,13 +182,8 @@ def eq1_logits(soft: jnp.ndarray, grid: tuple[int, int], image_feat: jnp.ndarray
 # ------------------------------------------------------------------------------------------------------------
 
 def default_eval_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.eval` defaults of configs/common.py with keyword overrides (unknown keys are an error)."""
-  try:
-    from configs import common  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError('the eval defaults live in configs/common.py: run from the repository root '
-                      '(or put it on PYTHONPATH)') from e
-  cfg = common.base_config().eval
+  """`config.eval` defaults (eval_config.py) with keyword overrides (unknown keys are an error)."""
+  cfg = eval_config.defaults()
   for key, value in overrides.items():
     if value is None:
       continue
@@ -265,17 +192,6 @@ def default_eval_config(**overrides) -> ml_collections.ConfigDict:
     cfg[key] = type(cfg[key])(value) if isinstance(cfg[key], (int, float)) and not isinstance(
         cfg[key], bool) else value
   return cfg
-
-
-def parse_eval_overrides(items) -> dict:
-  """['short_side=448', 'templates=imagenet80'] (the CLIs' --set) -> {key: value string}."""
-  out = {}
-  for item in items or ():
-    if '=' not in item:
-      raise ValueError(f'--set {item!r} must look like key=value')
-    key, value = item.split('=', 1)
-    out[key.strip()] = value.strip()
-  return out
 
 
 # (model, batch, h, w, C, with_bg) -> times the window step was traced. Each entry should stay at 1.
@@ -303,6 +219,16 @@ def _text_step(variables, ids, mask, *, model):
   return model.apply(variables, ids, mask, train=False, method=OVSegmentor.encode_text)['text_x']
 
 
+def abstract_variables(model_config) -> dict:
+  """The {'params', 'batch_stats'} tree of `OVSegmentor(model_config)` as jax.ShapeDtypeStructs (no FLOPs)."""
+  model = OVSegmentor(config=ml_collections.FrozenConfigDict(model_config))
+  size = model_config.vision.img_size
+  ids = jnp.ones((1, 2), jnp.int32)
+  return jax.eval_shape(lambda k: model.init({'params': k, 'dropout': k, 'gumbel': k},
+                                             jnp.zeros((1, size, size, 3)), ids, ids, train=False),
+                        jax.random.PRNGKey(0))
+
+
 def _bucket(n: int, cap: int) -> int:
   """Smallest power of two >= n, capped at `cap` (bounds the number of compiled batch sizes)."""
   return min(cap, 1 << max(n - 1, 0).bit_length())
@@ -326,8 +252,9 @@ class Segmenter:
     if eval_config is None or isinstance(eval_config, dict):
       eval_config = default_eval_config(**(eval_config or {}))  # a plain dict holds overrides
     self.eval_config = eval_config
-    if self.eval_config.templates not in TEMPLATES:
-      raise ValueError(f'eval.templates={self.eval_config.templates!r}: expected one of {sorted(TEMPLATES)}')
+    if self.eval_config.templates not in prompts.TEMPLATES:
+      raise ValueError(f'eval.templates={self.eval_config.templates!r}: expected one of '
+                       f'{sorted(prompts.TEMPLATES)}')
     self.variables = jax.device_put(jax.tree.map(jnp.asarray, dict(variables)))
     self.patch_size = int(self.model_config.vision.patch_size)
     self.tokenizer = tokenizer_lib.get_tokenizer(max_length=int(self.model_config.text.max_length))
@@ -337,10 +264,12 @@ class Segmenter:
   def from_checkpoint(cls, directory: str, **eval_overrides) -> 'Segmenter':
     """Loads an inference checkpoint (`convert official` / `export`); overrides set `config.eval` keys.
 
-    Eval settings resolve as: configs/common.py defaults < the `eval` block the checkpoint was exported with
-    (e.g. tiny's 128 px windows; see `export.py`) < `eval_overrides`.
+    Eval settings resolve as: the defaults (eval_config.py) < the `eval` block the checkpoint was exported
+    with (e.g. tiny's 128 px windows; see `export.py`) < `eval_overrides`. The variables must fit the model
+    their model_config builds (one error lists every missing, unexpected or mis-shaped array).
     """
-    model_config, variables = checkpoint.load_inference(directory)
+    target = abstract_variables(checkpoint.load_model_config(directory))
+    model_config, variables = checkpoint.load_inference(directory, target=target)
     saved = checkpoint.load_meta(directory).get('eval') or {}
     return cls(model_config, variables, default_eval_config(**{**saved, **eval_overrides}))
 
@@ -355,11 +284,11 @@ class Segmenter:
     key = (class_names, self.eval_config.templates)
     if key in self._text_cache:
       return self._text_cache[key]
-    templates = TEMPLATES[self.eval_config.templates]
-    prompts = [t.format(c) for c in class_names for t in templates]   # class-major, as the authors
-    ids, mask = self.tokenizer(prompts, padding='longest')
+    templates = prompts.TEMPLATES[self.eval_config.templates]
+    texts = [t.format(c) for c in class_names for t in templates]   # class-major, as the authors
+    ids, mask = self.tokenizer(texts, padding='longest')
     feats = []
-    for start in range(0, len(prompts), _TEXT_CHUNK):
+    for start in range(0, len(texts), _TEXT_CHUNK):
       ids_c, mask_c = ids[start:start + _TEXT_CHUNK], mask[start:start + _TEXT_CHUNK]
       n = len(ids_c)
       pad = _bucket(n, _TEXT_CHUNK) - n  # a few fixed batch sizes -> few compilations

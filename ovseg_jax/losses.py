@@ -1,6 +1,6 @@
 """Training losses of OVSegmentor (paper Sec. 3.2, Eq. 7-13), as pure functions of arrays.
 
-Everything here follows the official code where it differs from the paper (official notes §1.5-1.8); the
+Everything here follows the official code where it differs from the paper (docs/paper_vs_authors.md Q8-Q17); the
 paper variants are options (`cost='neg_cos'`, `dice_norm='mean'`). All losses are computed in float32.
 
 Sharding: the functions take the *global* batch (one logits matrix over all devices, as the official
@@ -15,16 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from ovseg_jax import matching
+from ovseg_jax.normalize import l2_normalize
 from ovseg_jax.resize import resize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_NORM_EPS = 1e-12  # torch.nn.functional.normalize's default eps
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """x / max(||x||_2, 1e-12) along `axis`, exactly like torch `F.normalize`."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, _NORM_EPS)
 
 
 # --------------------------------------------------------------------------------------------- InfoNCE
@@ -57,9 +51,9 @@ def _cross_entropy_rows(x: jax.Array, y: jax.Array, scale: jax.Array, chunk_size
 
 def contrastive_loss(a: jax.Array, b: jax.Array, logit_scale_exp: jax.Array,
                      chunk_size: int = 0) -> jax.Array:
-  """Symmetric InfoNCE of the image-caption alignment (paper Eq. 7; official `loss`, notes §1.6).
+  """Symmetric InfoNCE of the image-caption alignment (paper Eq. 7; docs/paper_vs_authors.md Q11).
 
-  With z^a = a / ||a||, z^b = b / ||b|| and s = logit_scale_exp (the clamped exp(logit_scale), notes §1.5),
+  With z^a = a / ||a||, z^b = b / ||b|| and s = logit_scale_exp (the clamped exp(logit_scale), Q8),
   logits_ij = s z^a_i . z^b_j and
       L = 0.5 * (CE(logits, diag) + CE(logits^T, diag)),
   each cross-entropy averaged over the B rows. B is the global batch: negatives are all other samples.
@@ -82,7 +76,7 @@ def contrastive_loss(a: jax.Array, b: jax.Array, logit_scale_exp: jax.Array,
 
 def entity_loss(question_out: jax.Array, answer_x: jax.Array, logit_scale_exp: jax.Array,
                 chunk_size: int = 0) -> jax.Array:
-  """Masked-entity-completion loss (paper Eq. 8-9; official notes §1.7).
+  """Masked-entity-completion loss (paper Eq. 8-9; docs/paper_vs_authors.md Q9, Q11).
 
   The same symmetric InfoNCE as `contrastive_loss`, with the same `logit_scale_exp`, between the decoder's
   answer vector z^M (position 0 of the masked caption after the entity decoder, Eq. 8, bridge-projected) and
@@ -145,7 +139,7 @@ def upsample_masks(logits: jax.Array, grid: tuple[int, int],
 
 
 def detached_groups(group_logits: jax.Array, group_ratio: float) -> jax.Array:
-  """Groups whose online masks receive no gradient (official group selection, notes §1.8 step 5).
+  """Groups whose online masks receive no gradient (docs/paper_vs_authors.md Q13).
 
   The int(K * group_ratio) groups with the smallest entity similarity are detached (torch
   `topk(largest=False)`); ties go to the lower index. The paper's r (Eq. 10 text) selects the K' = rK most
@@ -232,7 +226,7 @@ def mask_loss_from_logits(online_logits: jax.Array, teacher_logits: jax.Array, g
                           per_device_batch: int | None = None) -> tuple[jax.Array, dict]:
   """Cross-image mask consistency loss from raw mask logits (paper Eq. 10-12; official `mask_loss`).
 
-  Official recipe (notes §1.8 steps 4-6):
+  The authors' recipe (paper Eq. 10-12; docs/paper_vs_authors.md Q12-Q15):
     1. M1 = online logits, M2 = teacher logits (stop_gradient), bilinearly upsampled (align_corners=True).
     2. The int(K * group_ratio) groups with the smallest `group_logits` get stop_gradient on their M1 maps;
        all K masks still take part in the matching and in the loss value.
@@ -330,79 +324,6 @@ def mask_consistency_loss(online_q: jax.Array, teacher_q: jax.Array, teacher_k: 
       per_device_batch=per_device_batch)
 
 
-def group_diversity_loss(queries: jax.Array) -> jax.Array:
-  """mean_b mean_{i != j} cos(q_bi, q_bj)^2 over the K assignment queries q [B, K, C] (not in the paper).
-
-  From scratch the binding's K queries collapse to one or two directions, which turns the grouping into an
-  average pool (README, issue 6); this penalty keeps them apart. Off unless config.loss.group_diversity_weight.
-  """
-  q = l2_normalize(queries.astype(jnp.float32))
-  k = q.shape[1]
-  cos = jnp.einsum('bic,bjc->bij', q, q, precision=_HIGHEST)
-  off = jnp.square(cos) * (1.0 - jnp.eye(k, dtype=cos.dtype))
-  return jnp.mean(jnp.sum(off, axis=(1, 2)) / (k * (k - 1)))
-
-
-def entity_presence(answer_ids: jax.Array, entity_tokens: jax.Array) -> jax.Array:
-  """Which vocabulary entities an example's prompted-entity answer h(E) names (whole-token match).
-
-  Args:
-    answer_ids: int [B, T] token ids of the answer ("a photo of a circle and star"), which lists every entity
-      the caption names (`EntityExtractor.mask`).
-    entity_tokens: int [V, M] wordpiece ids of each entity name, right-padded with -1.
-  Returns:
-    bool [B, V]: entity v's token sequence occurs somewhere in answer b.
-  """
-  t, m = answer_ids.shape[1], entity_tokens.shape[1]
-  ids = jnp.pad(answer_ids, ((0, 0), (0, m)), constant_values=-2)         # windows may run past the end
-  windows = jnp.stack([ids[:, j:j + t] for j in range(m)], axis=-1)      # [B, T, M]: tokens p .. p+M-1
-  hit = (windows[:, :, None, :] == entity_tokens[None, None]) | (entity_tokens[None, None] < 0)
-  return jnp.any(jnp.all(hit, axis=-1), axis=1)
-
-
-def group_entity_loss(group_x: jax.Array, entity_x: jax.Array, present: jax.Array,
-                      logit_scale_exp: jax.Array, background_weight: float = 0.0) -> tuple[jax.Array, dict]:
-  """Per-group entity classification from the caption (not in the paper; config.loss.group_entity_weight).
-
-  Eq. 7-9 supervise only the mean of the K groups, yet Eq. 1 classifies every group on its own: with
-  z_bk the L2-normalised projected groups and t_v the L2-normalised prompted names of the V entities,
-      P_bk = softmax_v(s z_bk . t_v)                                      (Eq. 1's P_pre)
-      k*(b, v) = argmax_k z_bk . t_v                                      (multiple-instance: best group)
-      L_cls = - sum_{b, v present} log P_{b k*(b,v)}[v] / #present
-  teaches the group that best matches each named entity to be classified as it. With background_weight > 0
-  the groups that are no entity's k* are pulled towards the uniform distribution over V (cross-entropy to
-  uniform, minus log V so a uniform group costs 0), which is what Eq. 1's threshold reads as background:
-      L = L_cls + background_weight * mean_{unselected (b, k)} [-mean_v log P_bk[v] - log V].
-
-  Args:
-    group_x: [B, K, P] projected group embeddings (image_feat).
-    entity_x: [V, P] projected prompt embeddings of the V vocabulary entities.
-    present: bool [B, V] entities the caption names (`entity_presence`).
-    logit_scale_exp: scalar s (the shared, clamped temperature).
-    background_weight: weight of the unselected-groups term.
-  Returns:
-    (scalar loss, dict(accuracy = fraction of present entities whose k* group's argmax is that entity)).
-  """
-  zg = l2_normalize(group_x.astype(jnp.float32))
-  zt = l2_normalize(entity_x.astype(jnp.float32))
-  logits = jnp.asarray(logit_scale_exp, jnp.float32) * jnp.einsum('bkp,vp->bkv', zg, zt, precision=_HIGHEST)
-  logp = jax.nn.log_softmax(logits, axis=-1)                               # [B, K, V]
-  best = jnp.argmax(jax.lax.stop_gradient(logits), axis=1)                 # [B, V]: k*(b, v)
-  lp = jnp.take_along_axis(logp, best[:, None, :], axis=1)[:, 0, :]        # [B, V]: log P_{b k*(b,v)}[v]
-  pres = present.astype(jnp.float32)
-  n_present = jnp.maximum(jnp.sum(pres), 1.0)
-  loss = -jnp.sum(pres * lp) / n_present
-  correct = jnp.take_along_axis(jnp.argmax(logits, -1), best, axis=1) == jnp.arange(logits.shape[-1])
-  aux = {'accuracy': jnp.sum(pres * correct) / n_present}
-  if background_weight:
-    k, v = logits.shape[1], logits.shape[2]
-    chosen = jnp.any((best[:, None, :] == jnp.arange(k)[None, :, None]) & present[:, None, :], axis=-1)
-    free = 1.0 - chosen.astype(jnp.float32)                                # [B, K]
-    to_uniform = -jnp.mean(logp, axis=-1) - math.log(v)                    # [B, K], >= 0
-    loss = loss + background_weight * jnp.sum(free * to_uniform) / jnp.maximum(jnp.sum(free), 1.0)
-  return loss, aux
-
-
 # --------------------------------------------------------------------------------------------- total
 
 def paper_single_mask_start(total_steps: int, mask_start_fraction: float) -> int:
@@ -438,21 +359,13 @@ def mask_loss_weight(step: jax.Array | int, total_steps: int, recipe: str, mask_
 
 
 def total_loss(contrast: jax.Array, entity: jax.Array, mask: jax.Array | None, *,
-               entity_weight: float = 1.0, mask_lambda: jax.Array | float = 0.0,
-               diversity: jax.Array | None = None, diversity_weight: float = 0.0,
-               group_entity: jax.Array | None = None, group_entity_weight: float = 0.0) -> jax.Array:
+               entity_weight: float = 1.0, mask_lambda: jax.Array | float = 0.0) -> jax.Array:
   """L_total = L_contrast + entity_weight * L_entity + lambda * L_mask (paper Eq. 13; official L705-710).
 
   `mask=None` (no teacher in stage 1) drops the term; otherwise it is added as lambda * L_mask even when
-  lambda is 0 (so a NaN in L_mask is not hidden). `diversity` (`group_diversity_loss`, not in the paper) adds
-  diversity_weight * L_div when given, and `group_entity` (`group_entity_loss`, not in the paper)
-  group_entity_weight * L_group_entity.
+  lambda is 0 (so a NaN in L_mask is not hidden).
   """
   total = contrast + entity_weight * entity
   if mask is not None:
     total = total + mask_lambda * mask
-  if diversity is not None:
-    total = total + diversity_weight * diversity
-  if group_entity is not None:
-    total = total + group_entity_weight * group_entity
   return total

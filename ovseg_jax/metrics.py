@@ -1,4 +1,4 @@
-"""Semantic-segmentation metrics accumulated over a dataset, as mmseg 0.18 computes them (official notes §6).
+"""Semantic-segmentation metrics accumulated over a dataset, as mmseg 0.18 computes them (docs/paper_vs_authors.md Q27).
 
 IoU_c = sum_images |pred == c and gt == c| / sum_images |pred == c or gt == c| over the pixels whose ground
 truth is not the ignore label (255). The sums run over the whole dataset before the division (not a mean of

@@ -1,4 +1,4 @@
-"""The optimizer of the authors' recipe (official notes §3.1): AdamW, warmup + cosine per step, clip, frozen groups.
+"""The authors' optimizer (docs/paper_vs_authors.md Q19): AdamW, warmup + cosine per step, clip, frozen groups.
 
     tx = optim.make_optimizer(config.optim, total_steps=T, warmup_steps=W, global_batch=B)
 
@@ -12,7 +12,11 @@
       s(t) = min_lr                                                     t >= T
   The official loop calls `step_update(g)` after optimizer step g, so step g uses s(max(g - 1, 0)).
   base_lr, warmup_lr and min_lr are all multiplied by global_batch / lr_scale_batch (lr_scale_batch = 0: x1).
-* Global-norm clipping at 5.0 over the trainable parameters only (frozen ones have no gradient in torch).
+* Global-norm clipping as torch's `clip_grad_norm_(params, 5.0)` (`clip_by_global_norm`): every gradient times
+  min(1, 5 / (||g|| + 1e-6)), ||g|| over the trainable parameters only (frozen ones have no gradient in torch).
+* A parameter the loss does not reach (torch: `.grad is None`, e.g. BERT's unused pooler in stage 1) is
+  skipped by torch's AdamW, not even decayed. `gradient_probe` finds those leaves while the step is traced
+  and `skip_without_gradient` drops their update (train_step.py). Their moments, fed zeros, stay zero.
 * Frozen parameters (regexes of '/'-joined paths in `config.optim.frozen`, e.g. 'text_encoder/.*'):
   `optax.multi_transform` routes them to `set_to_zero`, so they get no update and no optimizer state
   (their slots in the AdamW state are empty `MaskedNode`s).
@@ -26,29 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ovseg_jax import param_tree
+
 TRAINABLE, FROZEN = 'trainable', 'frozen'
-
-
-def path_str(path) -> str:
-  """A jax key path -> 'img_encoder/blocks_0/attn/qkv/kernel' (dict keys, attributes and indices)."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      parts.append(k.name)
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(k.key))
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
-
-
-def named_leaves(tree) -> list[tuple[str, Any]]:
-  """[(path string, leaf)] in tree-flatten order."""
-  return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def decays(name: str, ndim: int) -> bool:
@@ -58,7 +42,7 @@ def decays(name: str, ndim: int) -> bool:
 
 def decay_mask(params):
   """Pytree of bools like `params` (leaves may be MaskedNode subtrees, which are kept)."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: decays(path_str(p), jnp.ndim(x)), params)
+  return jax.tree_util.tree_map_with_path(lambda p, x: decays(param_tree.path_str(p), jnp.ndim(x)), params)
 
 
 def frozen_labels(params, frozen: Sequence[str]):
@@ -66,7 +50,7 @@ def frozen_labels(params, frozen: Sequence[str]):
   pats = [re.compile(f) for f in frozen]
 
   def label(p, _):
-    name = path_str(p)
+    name = param_tree.path_str(p)
     return FROZEN if any(r.fullmatch(name) for r in pats) else TRAINABLE
   return jax.tree_util.tree_map_with_path(label, params)
 
@@ -74,6 +58,48 @@ def frozen_labels(params, frozen: Sequence[str]):
 def trainable_mask(params, frozen: Sequence[str]):
   """Pytree of bools: True for parameters that receive updates."""
   return jax.tree.map(lambda l: l == TRAINABLE, frozen_labels(params, frozen))
+
+
+def gradient_probe(params, record: dict):
+  """Identity on `params` whose backward pass fills `record` {'/'-joined path: bool} at trace time: False
+  for a leaf whose cotangent is a symbolic zero, i.e. the loss does not depend on it differentiably (unused,
+  or used only under stop_gradient). Apply it to the params a loss is differentiated in."""
+  is_zero = lambda x: isinstance(x, jax.custom_derivatives.SymbolicZero)  # noqa: E731
+
+  @jax.custom_vjp
+  def probe(tree):
+    return tree
+
+  def fwd(tree):   # with symbolic_zeros the primals arrive wrapped
+    return jax.tree.map(lambda x: x.value, tree,
+                        is_leaf=lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)), None
+
+  def bwd(_, ct):
+    for path, c in jax.tree_util.tree_flatten_with_path(ct, is_leaf=is_zero)[0]:
+      record[param_tree.path_str(path)] = not is_zero(c)
+    return (jax.tree.map(lambda c: None if is_zero(c) else c, ct, is_leaf=is_zero),)
+
+  probe.defvjp(fwd, bwd, symbolic_zeros=True)
+  return probe(params)
+
+
+def skip_without_gradient(updates, record: dict):
+  """Zeroes the update of every leaf `gradient_probe` recorded without gradient (torch's AdamW skips a
+  parameter whose .grad is None). An empty record means the probe never ran: an error, not "no update"."""
+  if not record:
+    raise ValueError('gradient_probe recorded nothing: apply it inside the differentiated loss function')
+  return jax.tree_util.tree_map_with_path(
+      lambda p, u: u if record[param_tree.path_str(p)] else jnp.zeros_like(u), updates)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """torch.nn.utils.clip_grad_norm_: g <- g * min(1, max_norm / (||g||_2 + 1e-6)), one norm over all leaves.
+  (optax.clip_by_global_norm has no 1e-6 and leaves g unscaled up to ||g|| == max_norm.)"""
+  def update(updates, state, params=None):
+    del params
+    factor = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def lr_scale(optim: ml_collections.ConfigDict, global_batch: int) -> float:
@@ -109,7 +135,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int, warmup
   schedule = make_schedule(optim, total_steps=total_steps, warmup_steps=warmup_steps,
                            global_batch=global_batch)
   inner = optax.chain(
-      optax.clip_by_global_norm(optim.grad_clip_norm),
+      clip_by_global_norm(optim.grad_clip_norm),
       optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                   weight_decay=optim.weight_decay, mask=decay_mask))
   frozen = tuple(optim.frozen)
@@ -121,11 +147,12 @@ def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int, warmup
 
 
 def warmup_and_total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
-  """(warmup_steps, total_steps) from the config: explicit step counts win over epoch counts."""
-  total = config.train.total_steps or int(round(config.train.total_epochs * steps_per_epoch))
+  """(warmup_steps, total_steps) from the config: explicit step counts win over epoch counts, which are
+  truncated like the official build_scheduler's int(epochs * n_iter_per_epoch)."""
+  total = config.train.total_steps or int(config.train.total_epochs * steps_per_epoch)
   warmup = config.optim.warmup_steps
   if warmup < 0:
-    warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
+    warmup = int(config.optim.warmup_epochs * steps_per_epoch)
   if total <= 0:
     raise ValueError('training length is 0 steps: set --config.train.total_steps or total_epochs')
   return warmup, total

@@ -1,10 +1,13 @@
 """PyTorch-exact image resizing as separable interpolation matrices.
 
 `jax.image.resize` differs from `torch.nn.functional.interpolate` in the three places this project needs
-torch's arithmetic (official notes §9.4): bicubic uses a = -0.75 in torch (-0.5 in JAX), bilinear with
+torch's arithmetic (docs/paper_vs_authors.md Q29): bicubic uses a = -0.75 in torch (-0.5 in JAX), bilinear with
 `align_corners=True` does not exist in JAX, and JAX antialiases downsampling by default. Here each resize is
 `out = R_h @ x @ R_w^T` with the [out, in] matrices R built in NumPy at trace time (shapes are static), so it
 is exact, differentiable, jit-friendly and runs as two small matmuls on any backend.
+
+`resize_hw` is the NumPy twin for the host side of inference (image pre-processing, the final logits resize):
+bilinear with torch's float32 tap arithmetic, two taps per output pixel instead of a dense matrix.
 """
 
 import functools
@@ -74,3 +77,47 @@ def resize(x: jnp.ndarray, out_hw: tuple[int, int], method: str = 'bilinear',
   hi = jnp.einsum('oh,...hw->...ow', rh, xt, precision='highest')
   out = jnp.einsum('pw,...ow->...op', rw, hi, precision='highest')
   return jnp.moveaxis(out, (-2, -1), (ha, wa)).astype(x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# NumPy, float32 (host-side pre- and post-processing of inference.py).
+# ------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def bilinear_taps_f32(in_size: int, out_size: int):
+  """Torch's CPU bilinear taps (align_corners=False) along one axis: (i0, i1 int64 [out], w0, w1 float32 [out]).
+
+  Computed in float32 as torch does: src = max(fma(in/out, dst + 0.5, -0.5), 0), i0 = floor(src),
+  w1 = src - i0, w0 = 1 - w1. `interpolation_matrix` holds the same weights computed in float64; for
+  ratios like 451/673 the float32 source coordinate differs by up to ~3e-5 pixel, which moves resized uint8
+  values by up to ~3e-3. With torch's rounding (its compiled kernel fuses the multiply-add; emulated here in
+  float64, exact for float32 operands) the resize agrees with torch to float32 rounding.
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+  src = (np.float64(scale) * dst.astype(np.float64) - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0))
+  i0 = np.minimum(src.astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+  return i0, i1, np.float32(1) - w1, w1
+
+
+def _lerp(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+  i0, i1, w0, w1 = bilinear_taps_f32(x.shape[axis], out_size)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  return np.take(x, i0, axis) * w0.reshape(shape) + np.take(x, i1, axis) * w1.reshape(shape)
+
+
+def resize_hw(x: np.ndarray, out_hw: tuple[int, int], axes: tuple[int, int]) -> np.ndarray:
+  """float32 torch-exact bilinear resize (align_corners=False, no antialias) of two axes of a NumPy array.
+
+  Two taps per output pixel (O(output), not a dense [out, in] matmul), width first, then height: torch's
+  order, out = w0_h (w0_w x00 + w1_w x01) + w1_h (w0_w x10 + w1_w x11).
+  """
+  x = np.asarray(x, np.float32)
+  ha, wa = (a % x.ndim for a in axes)
+  if (x.shape[ha], x.shape[wa]) == tuple(out_hw):
+    return x
+  return _lerp(_lerp(x, wa, out_hw[1]), ha, out_hw[0])

@@ -1,22 +1,24 @@
-"""Segment images with any class names: colour overlay + legend, optional raw scores and label PNGs.
+r"""Segment images with any class names: colour overlay + legend, optional raw scores and label PNGs.
 
   python -m ovseg_jax.segment --checkpoint DIR --image cat.jpg --classes "cat,dog,potted plant" \
       --output out.png [--background_threshold 0.9] [--save_scores scores.npy] [--save_labels labels.png]
   python -m ovseg_jax.segment --checkpoint DIR --images photos/ --classes "cat,dog" --output out_dir/
 
 With one image, --output / --save_scores / --save_labels are file paths. With several images (repeated
---image or --images DIR) they are folders, and each image writes <stem>.png / <stem>.npy there.
+--image, or --images DIR) they are folders, and each image writes <stem>.png / <stem>.npy there.
 --save_scores writes the float32 [C, H, W] softmax scores before the argmax (background first unless
 --no_background). Unreadable images are reported and skipped; the run ends with a count.
+`--eval.KEY=VALUE` overrides one eval setting (e.g. --eval.templates=imagenet80, --eval.window_batch=8).
 """
 
-import argparse
 import os
 import sys
 
+from absl import flags
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ovseg_jax import cli
 from ovseg_jax import eval_datasets
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
@@ -67,23 +69,28 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, names, background: boo
   return canvas
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m ovseg_jax.segment', description=__doc__.split('\n')[0])
-  p.add_argument('--checkpoint', required=True, help='inference checkpoint folder (convert official / export)')
-  p.add_argument('--image', action='append', default=[], help='input image (repeatable)')
-  p.add_argument('--images', help='folder of input images')
-  p.add_argument('--classes', required=True, help='comma-separated class names, e.g. "cat,dog,potted plant"')
-  p.add_argument('--output', required=True, help='overlay PNG (a folder when there are several images)')
-  p.add_argument('--background_threshold', type=float, default=None,
-                 help='background when the best class score is below it (default eval.bg_threshold = 0.95)')
-  p.add_argument('--no_background', action='store_true', help='no background class: every pixel gets a class')
-  p.add_argument('--save_scores', help='float32 [C, H, W] scores .npy (a folder for several images)')
-  p.add_argument('--save_labels', help='palette label PNG (a folder for several images)')
-  p.add_argument('--templates', choices=('simple', 'imagenet80'), default=None)
-  p.add_argument('--window_batch', type=int, default=None)
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='any other config.eval key, e.g. --set short_side=448 (repeatable)')
-  return p.parse_args(argv)
+# Old spellings of eval settings, accepted until cli.REMOVED_IN with a deprecation line.
+DEPRECATED = {'--set': '--eval.', '--templates': '--eval.templates', '--window_batch': '--eval.window_batch'}
+
+
+def parse_args(argv=None):
+  """Flags -> namespace; `.eval` holds the --eval.KEY=VALUE overrides given (cli.parse)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string('checkpoint', None, 'inference checkpoint folder (convert official / export)',
+                      flag_values=fv)
+  flags.DEFINE_multi_string('image', [], 'input image', flag_values=fv)
+  flags.DEFINE_string('images', None, 'folder of input images', flag_values=fv)
+  flags.DEFINE_string('classes', None, 'comma-separated class names, e.g. "cat,dog,potted plant"', flag_values=fv)
+  flags.DEFINE_string('output', None, 'overlay PNG (a folder when there are several images)', flag_values=fv)
+  flags.DEFINE_float('background_threshold', None, 'background when the best class score is below it '
+                     '(default eval.bg_threshold = 0.95)', flag_values=fv)
+  flags.DEFINE_bool('no_background', False, 'no background class: every pixel gets a class', flag_values=fv)
+  flags.DEFINE_string('save_scores', None, 'float32 [C, H, W] scores .npy (a folder for several images)',
+                      flag_values=fv)
+  flags.DEFINE_string('save_labels', None, 'palette label PNG (a folder for several images)', flag_values=fv)
+  argv = cli.rewrite_deprecated(cli.argv_or_sys(argv), DEPRECATED)
+  return cli.parse(fv, argv, prog='python -m ovseg_jax.segment', doc=__doc__,
+                   required=('checkpoint', 'classes', 'output'), one_of=[('image', 'images')], eval_settings=True)
 
 
 def _inputs(args) -> list:
@@ -120,9 +127,7 @@ def run(args) -> tuple[int, int]:
   if many and os.path.splitext(args.output)[1].lower() in IMAGE_EXTENSIONS:
     raise ValueError(f'with {len(paths)} images --output must be a folder, not {args.output}')
   background = not args.no_background
-  overrides = inference.parse_eval_overrides(args.set)
-  overrides.update(templates=args.templates, window_batch=args.window_batch)
-  segmenter = inference.Segmenter.from_checkpoint(args.checkpoint, **overrides)
+  segmenter = inference.Segmenter.from_checkpoint(args.checkpoint, **args.eval)
   names = segmenter.class_list(classes, background)
   done, skipped = 0, 0
   bar = tqdm(paths, desc='segment', unit='img', file=sys.stderr, disable=not many, dynamic_ncols=True)
@@ -148,6 +153,7 @@ def run(args) -> tuple[int, int]:
   return done, skipped
 
 
+@cli.entry_point
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:

@@ -12,8 +12,9 @@ State sharding (params, optimizer state, EMA teacher, BN stats alike) is decided
   * 'replicate': a full copy on every device.
 The rule is shape-driven, so an AdamW moment gets the sharding of its parameter without a second table.
 
-Nothing large is built unsharded: `create_sharded_state` traces `init` with `jax.eval_shape`, derives the
-shardings from the abstract tree and materialises each shard on its device with `jit(out_shardings=...)`.
+Nothing large is built unsharded: `abstract_state` traces `init` with `jax.eval_shape` and derives the
+shardings from the abstract tree (the restore target of a resumed run); `create_sharded_state` then
+materialises each shard on its device with `jit(out_shardings=...)`.
 """
 
 import re
@@ -26,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ovseg_jax import optim
+from ovseg_jax import param_tree
 
 BATCH_AXES = ('data', 'fsdp')
 
@@ -107,7 +108,7 @@ def leaf_spec(name: str, shape: Sequence[int], mesh: Mesh, sharding_cfg: ml_coll
 def tree_shardings(abstract_tree, mesh: Mesh, sharding_cfg: ml_collections.ConfigDict):
   """NamedShardings for every leaf of an (abstract) state tree."""
   def one(path, x):
-    return NamedSharding(mesh, leaf_spec(optim.path_str(path), np.shape(x), mesh, sharding_cfg))
+    return NamedSharding(mesh, leaf_spec(param_tree.path_str(path), np.shape(x), mesh, sharding_cfg))
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
@@ -127,10 +128,17 @@ def with_shardings(abstract_tree, shardings):
                       abstract_tree, shardings)
 
 
-def create_sharded_state(init_fn: Callable[..., Any], mesh: Mesh, sharding_cfg, *args):
-  """-> (state, shardings). `init_fn(*args)` is run under jit with its outputs born sharded."""
+def abstract_state(init_fn: Callable[..., Any], mesh: Mesh, sharding_cfg, *args):
+  """-> (target, shardings): `init_fn(*args)` traced with `jax.eval_shape` (no FLOPs, no memory), as
+  ShapeDtypeStructs that carry the shardings of the rules (a restore target, or input to AOT lowering)."""
   abstract = jax.eval_shape(init_fn, *args)
   shardings = tree_shardings(abstract, mesh, sharding_cfg)
+  return with_shardings(abstract, shardings), shardings
+
+
+def create_sharded_state(init_fn: Callable[..., Any], mesh: Mesh, sharding_cfg, *args):
+  """-> (state, shardings). `init_fn(*args)` is run under jit with its outputs born sharded."""
+  _, shardings = abstract_state(init_fn, mesh, sharding_cfg, *args)
   state = jax.jit(init_fn, out_shardings=shardings)(*args)
   return state, shardings
 

@@ -5,6 +5,7 @@
       --workdir_root=runs/sweeps/tiny_t3 --run=local --summarise
   python -m ovseg_jax.sweep --config=configs/vitb.py --sweep=configs/sweeps/groups.py --launcher=tpu_pod
   python -m ovseg_jax.sweep --config=... --sweep=... --workdir_root=... --summarise                   # table only
+  python -m ovseg_jax.sweep --config=configs/tiny.py --config.train.total_steps=100 --sweep=...       # every run
 
 A sweep file exports `get_sweep(arg=None)` (arg is the text after `path.py:`, as for configs) and returns a list
 of runs. A run is a dict of config overrides with dotted keys (`{'loss.cross_threshold': 0.3}`), plus two
@@ -41,6 +42,9 @@ import subprocess
 import sys
 from typing import Any, Iterable, Mapping, Sequence
 
+from absl import flags
+
+from ovseg_jax import cli
 from ovseg_jax import fileio
 
 RESERVED_KEYS = ('config_arg', 'name')
@@ -166,7 +170,7 @@ class Run:
   """One training run of a sweep."""
   name: str
   config: str                          # 'configs/x.py[:variant]' as passed to --config
-  overrides: tuple[tuple[str, str], ...]  # (dotted key, flag text), --set ones first
+  overrides: tuple[tuple[str, str], ...]  # (dotted key, flag text), --config.KEY=VALUE ones first
   workdir: str
 
   def train_flags(self) -> list[str]:
@@ -216,14 +220,14 @@ def run_names(runs: Sequence[Mapping[str, Any]]) -> list[str]:
   return names
 
 
-def parse_set_flags(items: Iterable[str]) -> list[tuple[str, str]]:
-  """`--set key=value` texts (as typed on a command line) -> [(key, text)]."""
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, str]]:
+  """`KEY=VALUE` texts of `--config.KEY=VALUE` flags -> [(key, text)]."""
   out = []
   for item in items:
     key, sep, value = item.partition('=')
     key = key.removeprefix('--').removeprefix('config.')
     if not sep or not key:
-      raise SweepError(f'--set {item!r} must look like key=value, e.g. --set train.total_steps=3')
+      raise SweepError(f'--config.{item} must look like --config.KEY=VALUE, e.g. --config.train.total_steps=3')
     out.append((key, value))
   return out
 
@@ -240,7 +244,7 @@ def expand(config_spec: str, sweep: Sequence[Mapping[str, Any]], workdir_root: s
     overrides = [(k, format_value(v)) for k, v in entry.items() if k not in RESERVED_KEYS]
     clash = base_keys & {k for k, _ in overrides}
     if clash:
-      raise SweepError(f'run {name!r}: --set {sorted(clash)[0]} collides with a key the sweep sets itself')
+      raise SweepError(f'run {name!r}: --config.{sorted(clash)[0]} collides with a key the sweep sets itself')
     config = config_path + (f':{arg}' if arg else '')
     out.append(Run(name=name, config=config, overrides=tuple(base_overrides) + tuple(overrides),
                    workdir=join_path(workdir_root, name)))
@@ -439,67 +443,70 @@ def default_workdir_root(config_spec: str, sweep_spec: str) -> str:
   return os.path.join('runs', 'sweeps', f'{config}_{sweep}')
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if len(argv) > 1:
-    raise SweepError(f'unexpected arguments {argv[1:]}; training overrides for every run go in --set key=value')
-  config_spec, sweep_spec = FLAGS.config, FLAGS.sweep
-  mode = FLAGS.run or ('print' if not FLAGS.summarise else None)
-  root = FLAGS.workdir_root or default_workdir_root(config_spec, sweep_spec)
-  runs = expand(config_spec, load_sweep(sweep_spec), root, parse_set_flags(FLAGS.set))
+def parse_args(argv: Sequence[str] | None = None):
+  """Flags -> namespace; `.overrides` holds the `KEY=VALUE` texts of every `--config.KEY=VALUE`.
+
+  `--config` is handed on to the trainer as text, so its `--config.KEY=VALUE` overrides are taken out of argv
+  here (config_flags checks them against the locked config in `resolve`). `--set KEY=VALUE` is their
+  deprecated spelling.
+  """
+  fv = flags.FlagValues()
+  flags.DEFINE_string('config', None, 'base config, e.g. configs/vitb.py or configs/tiny.py:steps=50; '
+                      '--config.KEY=VALUE overrides a key in every run', flag_values=fv)
+  flags.DEFINE_string('sweep', None, 'sweep file, e.g. configs/sweeps/ablations.py[:arg]', flag_values=fv)
+  flags.DEFINE_enum('run', None, ['print', 'dry', 'local'],
+                    'print: launch commands; dry: write each resolved config only; local: train one after another',
+                    flag_values=fv)
+  flags.DEFINE_string('workdir_root', None, 'parent of the runs\' workdirs (local path or gs://); '
+                      'default runs/sweeps/<config>_<sweep>', flag_values=fv)
+  flags.DEFINE_enum('launcher', 'python', list(LAUNCHERS),
+                    'command form printed by --run=print: python -m ovseg_jax.train, launch/tpu_pod.sh, or '
+                    'sbatch launch/gpu_slurm.sh', flag_values=fv)
+  flags.DEFINE_bool('keep_going', False, '--run=local: run the remaining runs after one fails', flag_values=fv)
+  flags.DEFINE_bool('summarise', False, 'print a table of each run\'s final metrics', flag_values=fv)
+  flags.DEFINE_list('metrics', [], 'summary columns as fnmatch patterns (default: step, *loss*, eval numbers)',
+                    flag_values=fv)
+  flags.DEFINE_enum('summary_format', 'text', ['text', 'markdown'], 'summary table format', flag_values=fv)
+  argv = cli.rewrite_deprecated(cli.argv_or_sys(argv), {'--set': '--config.'})
+  argv, overrides = cli.pop_overrides(argv, '--config.')
+  args = cli.parse(fv, argv, prog='python -m ovseg_jax.sweep', doc=__doc__, required=('config', 'sweep'))
+  args.overrides = overrides
+  return args
+
+
+@cli.entry_point
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    return _main(args)
+  except SweepError as e:
+    print(f'sweep: error: {e}', file=sys.stderr)
+    return 1
+
+
+def _main(args) -> int:
+  config_spec, sweep_spec = args.config, args.sweep
+  mode = args.run or ('print' if not args.summarise else None)
+  root = args.workdir_root or default_workdir_root(config_spec, sweep_spec)
+  runs = expand(config_spec, load_sweep(sweep_spec), root, parse_overrides(args.overrides))
 
   failed: list[str] = []
   if mode is not None:
     resolved = [resolve(run) for run in runs]  # every run is checked before the first one starts
     if mode == 'print':
       for run in runs:
-        print(shell_line(command(run, FLAGS.launcher)))
+        print(shell_line(command(run, args.launcher)))
     else:
       for run, config in zip(runs, resolved):
         print(f'{run.name}: {write_resolved(run, config)}', flush=True)
       if mode == 'local':
-        failed = run_local(runs, keep_going=FLAGS.keep_going)
+        failed = run_local(runs, keep_going=args.keep_going)
         if failed:
           print(f'[sweep] {len(failed)} of {len(runs)} runs failed: {", ".join(failed)}', file=sys.stderr)
-  if FLAGS.summarise:
-    print(summarise(runs, FLAGS.metrics or DEFAULT_COLUMNS, FLAGS.summary_format))
-  if failed:
-    sys.exit(1)
-
-
-def _define_flags() -> None:
-  """Flags are defined only when this module is the program, so sweep files can import its helpers."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('config', None, 'base config, e.g. configs/vitb.py or configs/tiny.py:steps=50',
-                      required=True)
-  flags.DEFINE_string('sweep', None, 'sweep file, e.g. configs/sweeps/ablations.py[:arg]', required=True)
-  flags.DEFINE_enum('run', None, ['print', 'dry', 'local'],
-                    'print: launch commands; dry: write each resolved config only; local: train one after another')
-  flags.DEFINE_string('workdir_root', None, 'parent of the runs\' workdirs (local path or gs://); '
-                      'default runs/sweeps/<config>_<sweep>')
-  flags.DEFINE_multi_string('set', [], 'key=value override applied to every run, e.g. --set train.total_steps=3')
-  flags.DEFINE_enum('launcher', 'python', list(LAUNCHERS),
-                    'command form printed by --run=print: python -m ovseg_jax.train, launch/tpu_pod.sh, or '
-                    'sbatch launch/gpu_slurm.sh')
-  flags.DEFINE_bool('keep_going', False, '--run=local: run the remaining runs after one fails')
-  flags.DEFINE_bool('summarise', False, 'print a table of each run\'s final metrics')
-  flags.DEFINE_list('metrics', [], 'summary columns as fnmatch patterns (default: step, *loss*, eval numbers)')
-  flags.DEFINE_enum('summary_format', 'text', ['text', 'markdown'], 'summary table format')
-
-
-def _entry() -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-
-  def wrapped(argv):
-    try:
-      main(argv)
-    except SweepError as e:
-      sys.exit(f'sweep: error: {e}')
-
-  app.run(wrapped)
+  if args.summarise:
+    print(summarise(runs, args.metrics or DEFAULT_COLUMNS, args.summary_format))
+  return 1 if failed else 0
 
 
 if __name__ == '__main__':
-  _entry()
+  sys.exit(main())

@@ -7,7 +7,7 @@ State (a dict, sharded leaf by leaf by `sharding.tree_shardings`):
     ema          EMA teacher: a copy of params['img_encoder'] (stage 2 / mask loss), else {}
     step         int32 scalar: optimizer steps applied so far
 
-One step, in the official call order (notes §1.3 BN quirk: every projector call updates its running stats):
+One step, in the authors' call order (docs/paper_vs_authors.md Q7: every projector call updates its running stats):
     online = encode_image(image, train)                    img_projector(pooled), img_projector(groups)
     text   = encode_text(caption, train, project_tokens)   text_projector([CLS]), text_projector(tokens)
     L_contrast = InfoNCE(image_x, text_x)                                                   (Eq. 7)
@@ -34,7 +34,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from ovseg_jax import losses
@@ -57,31 +56,6 @@ def uses_teacher(config: ml_collections.ConfigDict) -> bool:
 
 def uses_entity(config: ml_collections.ConfigDict) -> bool:
   return config.loss.entity_weight > 0
-
-
-@functools.lru_cache(maxsize=8)
-def _entity_vocab_arrays(vocab_name: str, dataset: str, template: str, max_length: int):
-  """(prompt ids [V, T], prompt mask [V, T], name tokens [V, M] padded with -1) for the vocabulary
-  `vocab_name` ('' = the dataset's, `entities.dataset_vocabulary`)."""
-  from ovseg_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from ovseg_jax.data import entities as entities_lib  # pylint: disable=g-import-not-at-top
-  names = entities_lib.get_vocabulary(vocab_name or entities_lib.dataset_vocabulary(dataset)).canonical
-  tok = tokenizer_lib.get_tokenizer(max_length=max_length)
-  ids, mask = tok([template.format(n) for n in names])
-  name_ids, name_mask = tok(list(names), padding='longest')
-  # Drop [CLS] and [SEP]: the name's wordpieces alone, as they appear inside the answer sentence.
-  pieces = [row[1:int(m.sum()) - 1] for row, m in zip(name_ids, name_mask)]
-  tokens = np.full((len(names), max(len(p) for p in pieces)), -1, np.int32)
-  for i, p in enumerate(pieces):
-    tokens[i, :len(p)] = p
-  return ids, mask, tokens
-
-
-def entity_vocab_arrays(config: ml_collections.ConfigDict):
-  """The entity vocabulary of config.loss.group_entity_vocab as arrays (see `_entity_vocab_arrays`)."""
-  return _entity_vocab_arrays(config.loss.get('group_entity_vocab', ''), config.data.dataset,
-                              config.loss.get('group_entity_template', 'a photo of a {}.'),
-                              int(config.model.text.max_length))
 
 
 def train_model_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
@@ -118,15 +92,6 @@ def init_state(config: ml_collections.ConfigDict, model: OVSegmentor, tx: optax.
       ema=jax.tree.map(lambda x: x + 0.0, params['img_encoder']) if uses_teacher(config) else {},
       step=jnp.zeros((), jnp.int32),
   )
-
-
-def state_from_variables(config, tx, params, batch_stats, ema=None, step: int = 0) -> dict:
-  """A train state around given variables (init_from / stage 2), fresh optimizer (official stage 2)."""
-  if uses_teacher(config) and ema is None:
-    ema = params['img_encoder']
-  return dict(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-              ema=jax.tree.map(lambda x: x + 0.0, ema) if uses_teacher(config) else {},
-              step=jnp.asarray(step, jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,26 +181,8 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
     inter.update(group_logits=group_logits, cols=aux['cols'], detached=aux['detached'],
                  mask_online=aux['online_logits'], mask_teacher=aux['teacher_logits'])
 
-  # Not in the paper (config.loss.group_entity_weight, default 0): every named entity's best group is
-  # classified as that entity among the vocabulary's prompts (BN in eval mode: the prompts are no batch).
-  ge_weight = float(config.loss.get('group_entity_weight', 0.0))
-  l_ge = None
-  if ge_weight:
-    v_ids, v_mask, v_tokens = entity_vocab_arrays(config)
-    vocab_txt, _ = call(bs, OVSegmentor.encode_text, jnp.asarray(v_ids), jnp.asarray(v_mask), False)
-    present = losses.entity_presence(batch['answer_ids'], jnp.asarray(v_tokens))
-    l_ge, ge_aux = losses.group_entity_loss(img['image_feat'], vocab_txt['text_x'], present, scale,
-                                            float(config.loss.get('group_entity_bg_weight', 0.0)))
-    metrics.update(loss_group_entity=l_ge, group_entity_acc=ge_aux['accuracy'])
-
-  # Not in the paper (config.loss.group_diversity_weight, default 0): keeps the K assignment queries apart.
-  diversity_weight = float(config.loss.get('group_diversity_weight', 0.0))
-  l_div = losses.group_diversity_loss(img['q']) if diversity_weight else None
-  if l_div is not None:
-    metrics['loss_group_diversity'] = l_div
   total = losses.total_loss(l_contrast, l_entity, l_mask, entity_weight=config.loss.entity_weight,
-                            mask_lambda=lam, diversity=l_div, diversity_weight=diversity_weight,
-                            group_entity=l_ge, group_entity_weight=ge_weight)
+                            mask_lambda=lam)
   valid = jnp.maximum(jnp.sum(batch['question_mask']), 1)
   metrics.update(
       loss=total, loss_contrast=l_contrast, loss_entity=l_entity,
@@ -286,14 +233,18 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, config: ml_collectio
   else:
     gather = lambda tree: tree  # noqa: E731
 
+  has_grad = {}   # filled while the backward pass is traced (optim.gradient_probe)
+
   def loss_fn(params):
-    params = gather(params)
+    params = gather(optim.gradient_probe(params, has_grad))
     params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
     return forward_losses(params, state['batch_stats'], teacher, batch, step_rng, step, config=config,
                           model=model, total_steps=total_steps, mesh=mesh, mask_branch=mask_branch)
 
   (total, (metrics, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  # torch's AdamW skips a parameter without .grad, weight decay included (e.g. BERT's pooler in stage 1).
+  updates = optim.skip_without_gradient(updates, has_grad)
   params = optax.apply_updates(state['params'], updates)
   ema = state['ema']
   if uses_teacher(config):
@@ -318,7 +269,7 @@ def jit_train_step(config, model, tx, schedule, total_steps: int, mesh, state_sh
   """`jit(train_step)`: state donated, state/out shardings fixed, batch over ('data', 'fsdp'), rng and
   metrics replicated. Shapes never change, so it compiles once; `max_traces=n` makes a retrace beyond n
   an error (chex.assert_max_traces). `mask_branch=False`: the step without the mask branch."""
-  # Activations keep batch sharding (models/vit.py `constrain_batch`, issue 7): without the constraints,
+  # Activations keep batch sharding (models/vit.py `constrain_batch`): without the constraints,
   # FSDP-sharded weights pull XLA's propagation onto feature axes and the batch gets replicated (vitb, 64
   # devices, global batch 2048: 93.6 -> 16.4 GiB per device, 1.18 -> 1.01x the analytic FLOPs; bench/RESULTS.md).
   rules = (('batch', tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.shape)),)
@@ -336,9 +287,4 @@ def jit_train_step(config, model, tx, schedule, total_steps: int, mesh, state_sh
 
 def param_count(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
-
-
-def layer_names(params) -> list[str]:
-  """'/'-joined parameter paths (for logs and the golden-gradient mapping)."""
-  return [n for n, _ in optim.named_leaves(params)]
 

@@ -1,7 +1,7 @@
-"""Pictures of what the model learned: input | group map | prediction | ground truth, one PNG per image.
+r"""Pictures of what the model learned: input | group map | prediction | ground truth, one PNG per image.
 
   python -m ovseg_jax.visualize --checkpoint runs/local/export --data_dir runs/local/val --num_images 6 \
-      --output runs/local/pictures
+      --output runs/local/pictures [--eval.short_side=128 ...]
 
 The group map colours each pixel by its argmax group of the soft pixel->group assignment (the binding
 module's Eq. 4 map, upsampled bilinearly as in inference), computed on the whole image at the eval short side.
@@ -9,15 +9,16 @@ The prediction is `Segmenter.segment` (Eq. 1, sliding windows, background by thr
 the dataset's label PNG (255 = ignore, drawn white).
 """
 
-import argparse
 import os
 import sys
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ovseg_jax import cli
 from ovseg_jax import eval_datasets
 from ovseg_jax import inference
 from ovseg_jax import resize as resize_lib
@@ -80,10 +81,14 @@ def panel(image: np.ndarray, groups: np.ndarray, pred: np.ndarray, gt: np.ndarra
   return canvas
 
 
-def run(checkpoint_dir: str, data_dir: str, output: str, num_images: int, dataset: str = 'folder') -> list:
-  """Writes one PNG per image for the first `num_images` of the split; returns their paths."""
+def run(checkpoint_dir: str, data_dir: str, output: str, num_images: int, dataset: str = 'folder',
+        eval_overrides: dict | None = None) -> list:
+  """Writes one PNG per image for the first `num_images` of the split; returns their paths.
+
+  `eval_overrides`: {config.eval key: value} over the checkpoint's saved eval settings (--eval.KEY=VALUE).
+  """
   data = eval_datasets.load_dataset(dataset, data_dir, max_images=num_images)
-  segmenter = inference.Segmenter.from_checkpoint(checkpoint_dir)
+  segmenter = inference.Segmenter.from_checkpoint(checkpoint_dir, **(eval_overrides or {}))
   names = list(data.class_names)
   fg = names[1:] if names[0] == 'background' else names
   os.makedirs(output, exist_ok=True)
@@ -103,16 +108,18 @@ def run(checkpoint_dir: str, data_dir: str, output: str, num_images: int, datase
   return paths
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m ovseg_jax.visualize', description=__doc__.split('\n')[0])
-  p.add_argument('--checkpoint', required=True, help='inference checkpoint (export / convert)')
-  p.add_argument('--data_dir', required=True, help='VOC-layout folder with class_names.txt')
-  p.add_argument('--dataset', default='folder', choices=eval_datasets.DATASETS)
-  p.add_argument('--num_images', type=int, default=6)
-  p.add_argument('--output', required=True, help='folder for the PNGs')
-  args = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_string('checkpoint', None, 'inference checkpoint (export / convert)', flag_values=fv)
+  flags.DEFINE_string('data_dir', None, 'VOC-layout folder with class_names.txt', flag_values=fv)
+  flags.DEFINE_enum('dataset', 'folder', eval_datasets.DATASETS, 'dataset layout', flag_values=fv)
+  flags.DEFINE_integer('num_images', 6, 'pictures to draw (the first N images of the split)', flag_values=fv)
+  flags.DEFINE_string('output', None, 'folder for the PNGs', flag_values=fv)
+  args = cli.parse(fv, argv, prog='python -m ovseg_jax.visualize', doc=__doc__,
+                   required=('checkpoint', 'data_dir', 'output'), eval_settings=True)
   try:
-    paths = run(args.checkpoint, args.data_dir, args.output, args.num_images, args.dataset)
+    paths = run(args.checkpoint, args.data_dir, args.output, args.num_images, args.dataset, args.eval)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

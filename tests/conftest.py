@@ -1,6 +1,7 @@
 """Test session setup: 8 fake CPU devices (every sharding claim is tested on them), float32 matmuls."""
 
 import os
+import pathlib
 import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -15,12 +16,14 @@ import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
-GOLDEN = os.path.join(SHARED, 'reference', 'golden_small')
+# The golden reference (outputs of the authors' PyTorch code) is kept outside the repository, in the
+# workspace folder beside it, because of its size; OVSEG_GOLDEN_DIR points elsewhere.
+DEFAULT_GOLDEN = str(pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'golden_small')
+GOLDEN = os.environ.get('OVSEG_GOLDEN_DIR', DEFAULT_GOLDEN)
 
 
 @pytest.fixture(scope='session')
 def golden_dir():
   if not os.path.isdir(GOLDEN):
-    raise FileNotFoundError(f'expected the golden reference at {GOLDEN} (../shared beside the repo)')
+    raise FileNotFoundError(f'no golden reference at {GOLDEN}: set OVSEG_GOLDEN_DIR to the golden_small folder')
   return GOLDEN

@@ -11,7 +11,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from ovseg_jax import errors
 from ovseg_jax.data import build_cc4m
+from ovseg_jax.data import shard_writer
 from ovseg_jax.data import tfds_builder
 
 MAX_SIDE, MIN_SIDE = 128, 64
@@ -86,9 +88,9 @@ def write_tsv(root, recs):
 
 def _build(inputs, out, **kw):
   tasks = build_cc4m.discover_tasks(inputs, shard_size=kw.pop('shard_size', 4))
-  opts = build_cc4m.Options(max_side=MAX_SIDE, min_side=MIN_SIDE)
-  return build_cc4m.run_build(tasks, output=str(out), name='cc4m', split='train', opts=opts,
-                              num_workers=kw.pop('num_workers', 0), **kw)
+  opts = shard_writer.Options(max_side=MAX_SIDE, min_side=MIN_SIDE)
+  return shard_writer.run_build(tasks, build_cc4m.iter_task, output=str(out), name='cc4m', split='train',
+                                opts=opts, num_workers=kw.pop('num_workers', 0), **kw)
 
 
 def _read_back(vdir):
@@ -138,7 +140,7 @@ def test_webdataset_tar(tmp_path):
   report = _build([str(tmp_path / '*.tar')], tmp_path / 'out')
   _check_counts(report)
   _check_round_trip(report['dataset_dir'], recs)
-  table = build_cc4m.format_report(report)
+  table = shard_writer.format_report(report)
   assert 'dropped: corrupt_image' in table and '3' in table.splitlines()[1]
 
 
@@ -165,7 +167,7 @@ def test_resume_skips_finished_shards(tmp_path, monkeypatch):
   recs = _records()
   for i in range(3):
     write_tar(tmp_path / f'shard-{i:05d}.tar', recs)
-  real = build_cc4m.process_task
+  real = shard_writer.process_task
   calls = []
 
   def crash_on_second(args):
@@ -174,12 +176,12 @@ def test_resume_skips_finished_shards(tmp_path, monkeypatch):
       raise KeyboardInterrupt('simulated kill')
     return real(args)
 
-  monkeypatch.setattr(build_cc4m, 'process_task', crash_on_second)
+  monkeypatch.setattr(shard_writer, 'process_task', crash_on_second)
   with pytest.raises(KeyboardInterrupt):
     _build([str(tmp_path)], tmp_path / 'out')
   assert calls == [0, 1]
   calls.clear()
-  monkeypatch.setattr(build_cc4m, 'process_task', lambda args: calls.append(args[0].index) or real(args))
+  monkeypatch.setattr(shard_writer, 'process_task', lambda args: calls.append(args[0].index) or real(args))
   report = _build([str(tmp_path)], tmp_path / 'out')
   assert calls == [1, 2]                                      # shard 0 was not redone
   assert report['shards_skipped_on_resume'] == 1
@@ -192,38 +194,38 @@ def test_resume_skips_finished_shards(tmp_path, monkeypatch):
   again = _build([str(tmp_path)], tmp_path / 'out')
   assert again['up_to_date'] and again['counts'] == report['counts'] and calls == []
   tasks = build_cc4m.discover_tasks([str(tmp_path)], shard_size=4)
-  with pytest.raises(build_cc4m.UsageError, match='--overwrite'):
-    build_cc4m.run_build(tasks, output=str(tmp_path / 'out'), name='cc4m', split='train',
-                         opts=build_cc4m.Options(max_side=256), num_workers=0)
+  with pytest.raises(errors.UsageError, match='--overwrite'):
+    shard_writer.run_build(tasks, build_cc4m.iter_task, output=str(tmp_path / 'out'), name='cc4m',
+                           split='train', opts=shard_writer.Options(max_side=256), num_workers=0)
 
 
 def test_resume_with_other_options_is_refused(tmp_path, monkeypatch):
   recs = _records()
   for i in range(2):
     write_tar(tmp_path / f'shard-{i:05d}.tar', recs)
-  real = build_cc4m.process_task
+  real = shard_writer.process_task
 
   def crash(args):
     if args[0].index == 1:
       raise KeyboardInterrupt
     return real(args)
 
-  monkeypatch.setattr(build_cc4m, 'process_task', crash)
+  monkeypatch.setattr(shard_writer, 'process_task', crash)
   with pytest.raises(KeyboardInterrupt):
     _build([str(tmp_path)], tmp_path / 'out')
-  monkeypatch.setattr(build_cc4m, 'process_task', real)
+  monkeypatch.setattr(shard_writer, 'process_task', real)
   tasks = build_cc4m.discover_tasks([str(tmp_path)], shard_size=4)
-  with pytest.raises(build_cc4m.UsageError, match='other inputs/options'):
-    build_cc4m.run_build(tasks, output=str(tmp_path / 'out'), name='cc4m', split='train',
-                         opts=build_cc4m.Options(max_side=256), num_workers=0)
+  with pytest.raises(errors.UsageError, match='other inputs/options'):
+    shard_writer.run_build(tasks, build_cc4m.iter_task, output=str(tmp_path / 'out'), name='cc4m',
+                           split='train', opts=shard_writer.Options(max_side=256), num_workers=0)
 
 
 def test_official_entity_mode_filters_case_sensitively(tmp_path):
   recs = {'a': (_jpeg(100, 80, 0), b'Dogs on a bench', None, ''), 'b': (_jpeg(100, 80, 1), b'Dogs', None, '')}
   write_tar(tmp_path / 's.tar', recs)
   tasks = build_cc4m.discover_tasks([str(tmp_path / 's.tar')], shard_size=4)
-  report = build_cc4m.run_build(tasks, output=str(tmp_path / 'out'), name='cc4m', split='train',
-                                opts=build_cc4m.Options(entity_mode='official'), num_workers=0)
+  report = shard_writer.run_build(tasks, build_cc4m.iter_task, output=str(tmp_path / 'out'), name='cc4m',
+                                  split='train', opts=shard_writer.Options(entity_mode='official'), num_workers=0)
   assert report['counts']['kept'] == 1 and report['counts']['no_entity'] == 1
 
 

@@ -78,7 +78,7 @@ def test_synthetic_vocabulary_ignores_cc4m_words():
 
 
 def test_answer_and_cross_prompt():
-  assert len(E.IMAGENET_TEMPLATES) == 80
+  assert len(E.TEMPLATE_PREFIXES) == 80
   assert E.EntityExtractor.answer(['dog', 'cat'], 0) == 'a bad photo of a dog and cat'
   assert E.EntityExtractor.answer(['dog'], 35) == 'a dog'             # 'a {} in a video game.'
   assert E.EntityExtractor.answer([], 1) == 'a photo of many '        # official: bare prefix
@@ -106,7 +106,7 @@ def test_wordnet_lemmatizer_or_one_line_error():
     with pytest.raises(RuntimeError) as e:
       E.EntityExtractor(mode='fixed', lemmatizer='wordnet')
     msg = str(e.value)
-    assert '\n' not in msg and 'STACK.md' in msg and "lemmatizer='rules'" in msg
+    assert '\n' not in msg and 'docs/data.md' in msg and "lemmatizer='rules'" in msg
 
 
 def test_bad_mode_is_rejected():

@@ -116,9 +116,9 @@ def test_checkpoint_end_to_end_on_synthetic_voc_folder(tmp_path, capsys):
   synthetic.write_voc(root, 'val', 2, seed=1, min_size=48, max_size=72, log=open(os.devnull, 'w'))
   ckpt = seg_fixtures.shared_tiny_checkpoint()
   out, preds = str(tmp_path / 'm.json'), str(tmp_path / 'preds')
-  sets = [a for k, v in seg_fixtures.TINY_EVAL.items() if k != 'window_batch' for a in ('--set', f'{k}={v}')]
+  sets = [f'--eval.{k}={v}' for k, v in seg_fixtures.TINY_EVAL.items() if k != 'window_batch']
   assert evaluate.main(['--checkpoint', ckpt, '--dataset', 'folder', '--data_dir', root, '--output', out,
-                        '--save_predictions', preds, '--window_batch', '2', '--background_threshold', '0.5',
+                        '--save_predictions', preds, '--eval.window_batch', '2', '--background_threshold', '0.5',
                         *sets]) == 0
   r = json.load(open(out))
   assert r['num_images'] == 2 and r['background_threshold'] == 0.5

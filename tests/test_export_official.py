@@ -22,7 +22,6 @@ import pytest
 from configs import vitb
 from ovseg_jax import checkpoint as ckpt_lib
 from ovseg_jax import export as export_lib
-from ovseg_jax import train as train_lib
 from ovseg_jax.convert import __main__ as convert_main
 from ovseg_jax.convert import official
 from ovseg_jax.convert import official_export
@@ -178,7 +177,7 @@ def _workdir(path, model_config, variables, teacher):
   config.model = model_config
   config.loss.cross_threshold = 0.7
   os.makedirs(path)
-  train_lib.write_config(config, str(path))
+  ckpt_lib.write_config(config, str(path))
   ck = ckpt_lib.TrainCheckpointer(ckpt_lib.train_checkpoint_dir(str(path)), save_every=1, keep=0,
                                   async_save=False)
   ck.save(5, {'params': variables['params'], 'batch_stats': variables['batch_stats'], 'ema': teacher}, force=True)
@@ -221,14 +220,6 @@ def test_architectures_the_authors_cannot_load_are_refused(trip, capsys):
   stem.vision.stem_channels = (32, 64)
   with pytest.raises(ValueError, match='no conv stem'):
     official_export.state_dict(stem, variables)
-  refined = model_config.copy_and_resolve_references()
-  refined.binding.refine_iters = 3
-  with pytest.raises(ValueError, match='no k-means'):
-    official_export.state_dict(refined, variables)
-  pooled_only = model_config.copy_and_resolve_references()
-  pooled_only.binding.query_residual = False
-  with pytest.raises(ValueError, match='always adds the query residual'):
-    official_export.state_dict(pooled_only, variables)
   extra = {'params': dict(variables['params'], extra={'w': np.zeros(2, np.float32)}),
            'batch_stats': variables['batch_stats']}
   with pytest.raises(ValueError, match='1 variables have no key.*extra/w'):

@@ -14,7 +14,7 @@ import sys
 from etils.epath import backend as epath_backend
 from etils.epath import gpath as epath_gpath
 from fsspec.implementations.memory import MemoryFileSystem
-import ml_collections
+import jax
 import numpy as np
 from orbax.checkpoint._src.path import gcs_utils
 import pytest
@@ -25,6 +25,9 @@ from ovseg_jax import export as export_lib
 from ovseg_jax import fileio
 from ovseg_jax import sweep
 from ovseg_jax import train
+from ovseg_jax.convert import bert as convert_bert
+from ovseg_jax.convert import dino as convert_dino
+from ovseg_jax import train_monitor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,18 +76,18 @@ def test_workdir_config_metrics_and_tensorboard_on_gs(fake_gcs, tmp_path, monkey
   wd = 'gs://bucket/run'
   fileio.makedirs(wd)
   config = tiny.get_config()
-  train.write_config(config, wd)
+  ckpt_lib.write_config(config, wd)
   expected = json.loads(config.model.to_json())
   assert json.loads(_text(fake_gcs, '/bucket/run/config.json'))['model'] == expected
-  assert train.load_workdir_config(wd).model.to_dict() == expected
+  assert ckpt_lib.load_workdir_config(wd).model.to_dict() == expected
 
-  writer = train.MetricWriter(wd, sync_seconds=3600.0)
+  writer = train_monitor.MetricWriter(wd, sync_seconds=3600.0)
   writer.write(1, {'loss': 3.0})          # the first record is uploaded at once
   assert [json.loads(x)['step'] for x in _text(fake_gcs, '/bucket/run/metrics.jsonl').splitlines()] == [1]
   writer.write(2, {'loss': 2.0})          # then at most every sync_seconds, at checkpoints and at close
   assert len(_text(fake_gcs, '/bucket/run/metrics.jsonl').splitlines()) == 1
   writer.close()
-  writer = train.MetricWriter(wd)         # a resumed run continues the file
+  writer = train_monitor.MetricWriter(wd)         # a resumed run continues the file
   writer.write(3, {'loss': 1.0})
   writer.close()
   records = [json.loads(x) for x in _text(fake_gcs, '/bucket/run/metrics.jsonl').splitlines()]
@@ -113,25 +116,57 @@ def test_inference_checkpoint_json_on_gs(fake_gcs, monkeypatch):
   monkeypatch.setattr(ckpt_lib, '_save_variables', save_variables)
   monkeypatch.setattr(ckpt_lib, '_restore_variables', lambda var_dir: saved[var_dir])
 
-  model_config = ml_collections.ConfigDict({'embed_dim': 8, 'text': {'max_length': 4}})
+  model_config = tiny.get_config().model
+  expected = json.loads(model_config.to_json())   # tuples are lists in JSON
   meta = {'step': 7, 'exporter': 'ovseg_jax.export', 'eval': {'templates': 'full'}}
   out = ckpt_lib.save_inference('gs://bucket/exp', model_config, {'params': {'w': np.ones(2)}}, meta)
   assert out == 'gs://bucket/exp'
   assert json.loads(_text(fake_gcs, '/bucket/exp/meta.json')) == meta
-  assert json.loads(_text(fake_gcs, '/bucket/exp/model_config.json')) == model_config.to_dict()
+  assert json.loads(_text(fake_gcs, '/bucket/exp/model_config.json')) == expected
   loaded_config, variables = ckpt_lib.load_inference('gs://bucket/exp')   # Segmenter.from_checkpoint's reads
-  assert loaded_config.to_dict() == model_config.to_dict() and variables['params']['w'].shape == (2,)
+  assert loaded_config.to_dict() == expected and variables['params']['w'].shape == (2,)
   assert ckpt_lib.load_meta('gs://bucket/exp') == meta
   assert ckpt_lib.load_meta('gs://bucket/elsewhere') == {}
   with pytest.raises(FileNotFoundError, match='not an ovseg_jax inference checkpoint'):
     ckpt_lib.load_model_config('gs://bucket/elsewhere')
 
 
+def test_dino_and_bert_inits_are_written_through_fileio_on_gs(fake_gcs, monkeypatch):
+  """`convert dino` / `convert bert` write their folders through checkpoint.py (JSON via fileio, arrays via
+  the Orbax stand-in), so a gs:// destination works; the source readers are stubbed."""
+  saved = {}
+
+  def save_variables(var_dir, variables):
+    saved[var_dir] = variables
+    fileio.makedirs(var_dir)
+  monkeypatch.setattr(ckpt_lib, '_save_variables', save_variables)
+  monkeypatch.setattr(ckpt_lib, '_restore_variables', lambda var_dir: saved[var_dir])
+  model_config = tiny.get_config().model
+  encoder = {'norm': {'scale': np.ones(4, np.float32)}}
+  monkeypatch.setattr(convert_dino, 'load_dino', lambda src, mc: encoder)
+  assert convert_dino.save_dino_init('dino.pth', 'gs://bucket/dino', model_config) == 'gs://bucket/dino'
+  assert json.loads(_text(fake_gcs, '/bucket/dino/model_config.json')) == json.loads(model_config.to_json())
+  assert json.loads(_text(fake_gcs, '/bucket/dino/meta.json'))['converter'] == 'ovseg_jax.convert.dino'
+  np.testing.assert_array_equal(convert_dino.load_dino_init('gs://bucket/dino')['img_encoder']['norm']['scale'],
+                                np.ones(4))
+
+  text_config = model_config.text
+  params = convert_bert.param_shapes(text_config)
+  params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), params)
+  monkeypatch.setattr(convert_bert, 'load_hf_folder', lambda src: (text_config, params))
+  assert convert_bert.save_bert_init('hf_dir', 'gs://bucket/bert') == 'gs://bucket/bert'
+  assert json.loads(_text(fake_gcs, '/bucket/bert/text_config.json')) == text_config.to_dict()
+  assert json.loads(_text(fake_gcs, '/bucket/bert/meta.json'))['converter'] == 'ovseg_jax.convert.bert'
+  cfg, loaded = convert_bert.load_bert_init('gs://bucket/bert')
+  assert cfg.to_dict() == text_config.to_dict()
+  assert len(jax.tree.leaves(loaded)) == len(jax.tree.leaves(params)) > 10
+
+
 def test_missing_remote_backend_is_one_actionable_line(monkeypatch, tmp_path):
   monkeypatch.setattr(fileio, '_tf_backend_available', lambda: False)
   monkeypatch.setattr(fileio, '_package_available', lambda name: False)
   with pytest.raises(fileio.RemoteBackendError, match=r'pip install gcsfs') as e:
-    train.train_and_evaluate(tiny.get_config(), 'gs://bucket/run')
+    train.train(tiny.get_config(), 'gs://bucket/run')
   assert '\n' not in str(e.value)
   monkeypatch.setattr(fileio, '_package_available', lambda name: name == 'gcsfs')
   with pytest.raises(fileio.RemoteBackendError, match=r'need google-cloud-storage'):
@@ -152,7 +187,7 @@ def test_local_paths_use_the_builtins(tmp_path):
   assert fileio.listdir(str(tmp_path / 'a')) == ['b.txt'] and fileio.abspath('rel') == os.path.abspath('rel')
 
 
-@pytest.mark.parametrize('module', ['train.py', 'export.py', 'checkpoint.py'])
+@pytest.mark.parametrize('module', ['train.py', 'export.py', 'checkpoint.py', 'convert/dino.py'])
 def test_no_builtin_file_access(module):
   """Guard: these modules reach files only through fileio (and Orbax)."""
   tree = ast.parse(open(os.path.join(ROOT, 'ovseg_jax', module)).read())

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ovseg_jax import eval_datasets
 from ovseg_jax import inference
+from ovseg_jax import prompts
 from ovseg_jax import resize as resize_lib
 from tests import seg_fixtures
 
@@ -70,7 +71,7 @@ def test_host_bilinear_matches_torch():
   rng = np.random.default_rng(1)
   for shape, out in [((3, 28, 41), (57, 19)), ((2, 300, 451), (448, 673)), ((2, 448, 673), (300, 451))]:
     x = (rng.random(shape) * 255).astype(np.float32)
-    got = inference.resize_hw(x, out, axes=(1, 2))
+    got = resize_lib.resize_hw(x, out, axes=(1, 2))
     ref = torch.nn.functional.interpolate(torch.from_numpy(x)[None], size=out, mode='bilinear',
                                           align_corners=False)[0].numpy()
     assert np.abs(got - ref).max() < 1e-4, shape  # float32 rounding only, on values up to 255 (no FMA: 3e-3)
@@ -224,14 +225,14 @@ def test_multi_word_names_and_prompt_ensemble(tiny_ckpt, segmenter):
   emb = np.asarray(segmenter.text_embedding(['potted plant', 'potted']))
   ids, _ = segmenter.tokenizer(['a photo of a potted plant.'])
   assert segmenter.tokenizer.decode(ids[0]) == '[CLS] a photo of a potted plant. [SEP]'
-  np.testing.assert_allclose(emb[0], direct(segmenter, 'potted plant', inference.SIMPLE_TEMPLATES), atol=2e-6)
-  np.testing.assert_allclose(emb[1], direct(segmenter, 'potted', inference.SIMPLE_TEMPLATES), atol=2e-6)
+  np.testing.assert_allclose(emb[0], direct(segmenter, 'potted plant', prompts.SIMPLE_TEMPLATES), atol=2e-6)
+  np.testing.assert_allclose(emb[1], direct(segmenter, 'potted', prompts.SIMPLE_TEMPLATES), atol=2e-6)
 
   ens = inference.Segmenter.from_checkpoint(tiny_ckpt, templates='imagenet80', **seg_fixtures.TINY_EVAL)
   got = np.asarray(ens.text_embedding(['potted plant', 'cat']))
-  assert len(inference.IMAGENET80_TEMPLATES) == 80
+  assert len(prompts.IMAGENET_TEMPLATES) == 80
   for row, name in zip(got, ['potted plant', 'cat']):
-    np.testing.assert_allclose(row, direct(ens, name, inference.IMAGENET80_TEMPLATES), atol=2e-5)
+    np.testing.assert_allclose(row, direct(ens, name, prompts.IMAGENET_TEMPLATES), atol=2e-5)
   # the ensemble is not the single prompt
   assert np.abs(got[0] - emb[0]).max() > 10 * 2e-5
 

@@ -272,87 +272,8 @@ def test_mask_loss_weight_schedule():
     w(0, recipe='single')
 
 
-def test_group_diversity_loss_matches_numpy_oracle():
-  q = np.random.default_rng(5).normal(size=(3, 8, 16)).astype(np.float32)
-  unit = q / np.linalg.norm(q, axis=-1, keepdims=True)
-  cos = np.einsum('bic,bjc->bij', unit, unit)
-  want = np.mean([(np.sum(c ** 2) - np.trace(c ** 2)) / (8 * 7) for c in cos])
-  np.testing.assert_allclose(losses.group_diversity_loss(jnp.asarray(q)), want, rtol=1e-5)
-
-
-def test_group_diversity_loss_limits():
-  orthogonal = np.eye(8, dtype=np.float32)[None] * 3.0            # K orthogonal queries: nothing to penalise
-  np.testing.assert_allclose(losses.group_diversity_loss(jnp.asarray(orthogonal)), 0.0, atol=1e-7)
-  collapsed = np.ones((2, 8, 16), np.float32) * np.arange(1, 9, dtype=np.float32)[None, :, None]
-  np.testing.assert_allclose(losses.group_diversity_loss(jnp.asarray(collapsed)), 1.0, rtol=1e-6)  # scale-free
-
-
 def test_total_loss_terms():
-  c, e, m, d = (jnp.float32(v) for v in (1.0, 2.0, 3.0, 4.0))
+  c, e, m = (jnp.float32(v) for v in (1.0, 2.0, 3.0))
   np.testing.assert_allclose(losses.total_loss(c, e, None, entity_weight=0.5), 2.0)
   np.testing.assert_allclose(losses.total_loss(c, e, m, entity_weight=1.0, mask_lambda=0.1), 3.3, rtol=1e-6)
-  np.testing.assert_allclose(losses.total_loss(c, e, m, mask_lambda=0.1, diversity=d, diversity_weight=0.5),
-                             5.3, rtol=1e-6)
-  np.testing.assert_allclose(losses.total_loss(c, e, None, group_entity=d, group_entity_weight=0.25), 4.0,
-                             rtol=1e-6)
   assert np.isnan(losses.total_loss(c, e, jnp.float32(np.nan), mask_lambda=0.0))  # NaN never hidden
-
-
-# --------------------------------------------------------------------------------------------- group entity
-
-def test_entity_presence_whole_token_sequences():
-  tokens = np.array([[5, -1], [7, 8], [8, -1], [9, 7]], np.int32)     # entity 1 has two wordpieces
-  ids = np.array([[1, 7, 8, 0],                                        # entity 1 (and so its piece 8)
-                  [1, 8, 7, 0],                                        # 8 alone; 7 then 0, not 8: no entity 1
-                  [1, 5, 2, 9]], np.int32)                             # 9 at the end: entity 3 runs past it
-  want = [[False, True, True, False], [False, False, True, False], [True, False, False, False]]
-  np.testing.assert_array_equal(losses.entity_presence(jnp.asarray(ids), jnp.asarray(tokens)), want)
-
-
-def np_group_entity_loss(g, t, present, scale, bg_weight):
-  g = g / np.linalg.norm(g, axis=-1, keepdims=True)
-  t = t / np.linalg.norm(t, axis=-1, keepdims=True)
-  total, n, free_terms = 0.0, 0, []
-  for b in range(g.shape[0]):
-    logits = scale * g[b] @ t.T                                        # [K, V]
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    chosen = set()
-    for v in np.flatnonzero(present[b]):
-      k = int(np.argmax(logits[:, v]))
-      chosen.add(k)
-      total -= logp[k, v]
-      n += 1
-    free_terms += [-logp[k].mean() - np.log(t.shape[0]) for k in range(g.shape[1]) if k not in chosen]
-  return total / max(n, 1) + bg_weight * (np.mean(free_terms) if free_terms else 0.0)
-
-
-@pytest.mark.parametrize('bg_weight', [0.0, 0.7])
-def test_group_entity_loss_matches_numpy_oracle(bg_weight):
-  rng = np.random.default_rng(3)
-  g = rng.normal(size=(4, 8, 16)).astype(np.float32)
-  t = rng.normal(size=(6, 16)).astype(np.float32)
-  present = rng.random((4, 6)) < 0.4
-  present[0] = False                                                   # an image naming nothing counts 0
-  loss, aux = losses.group_entity_loss(jnp.asarray(g), jnp.asarray(t), jnp.asarray(present), 10.0, bg_weight)
-  np.testing.assert_allclose(loss, np_group_entity_loss(g.astype(np.float64), t.astype(np.float64), present,
-                                                        10.0, bg_weight), rtol=1e-5)
-  assert 0.0 <= float(aux['accuracy']) <= 1.0
-
-
-def test_group_entity_loss_trains_only_the_best_group():
-  """Without the background term the gradient reaches exactly the k*(b, v) groups, and descending it makes
-  that group classify as its entity."""
-  rng = np.random.default_rng(4)
-  g = jnp.asarray(rng.normal(size=(1, 8, 16)).astype(np.float32))
-  t = jnp.asarray(rng.normal(size=(6, 16)).astype(np.float32))
-  present = jnp.asarray([[False, True, False, False, True, False]])
-  fn = lambda x: losses.group_entity_loss(x, t, present, 10.0)[0]    # noqa: E731
-  grad = np.asarray(jax.grad(fn)(g))[0]
-  zg = np.asarray(losses.l2_normalize(g))[0]
-  best = {int(np.argmax(zg @ np.asarray(losses.l2_normalize(t))[v])) for v in (1, 4)}
-  assert {k for k in range(8) if np.abs(grad[k]).max() > 0} == best
-  x = g
-  for _ in range(200):
-    x = x - 0.5 * jax.grad(fn)(x)
-  assert float(losses.group_entity_loss(x, t, present, 10.0)[1]['accuracy']) == 1.0
-  assert float(fn(x)) < 0.5 * float(fn(g))

@@ -1,4 +1,4 @@
-"""Performance options of the model (issue 7) change the speed/memory trade-off, never the math or the tree.
+"""Performance options of the model change the speed/memory trade-off, never the math or the tree.
 
 * `model.remat` ('full', 'dots'): the same parameter tree (converters' contract) and the same loss and
   gradients as 'none' (recomputation replays the same ops; float32 tolerance 1e-6 relative for reordering);

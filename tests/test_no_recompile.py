@@ -1,4 +1,4 @@
-"""No XLA compilation after the first call, in inference and in training (issue 7).
+"""No XLA compilation after the first call, in inference and in training.
 
 A compile counter (JAX's '/jax/core/compile/backend_compile_duration' monitoring event, fired once per XLA
 backend compilation of anything: jitted functions *and* eager jnp ops on new shapes) must stay at zero:

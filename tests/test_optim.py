@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from ovseg_jax import optim
+from ovseg_jax import param_tree
 
 
 def _optim_config(**kw):
@@ -47,7 +48,7 @@ def test_decay_mask_on_named_params():
     for p in parents:
       node = node.setdefault(p, {})
     node[leaf] = jax.ShapeDtypeStruct(shape, jnp.float32)
-  got = dict(optim.named_leaves(optim.decay_mask(tree)))
+  got = dict(param_tree.named_leaves(optim.decay_mask(tree)))
   assert got == expected
 
 
@@ -120,3 +121,21 @@ def test_adamw_decay_mask_frozen_and_clip_in_one_update():
   # The first moment saw the clipped gradient: (1 - b1) * g * 5 / 50 (frozen 1e6 gradient excluded).
   mu = [x for x in jax.tree.leaves(state) if np.shape(x) == (4, 4)][0]
   np.testing.assert_allclose(mu, 0.1 * 12.5 * 5.0 / 50.0, rtol=1e-5)
+
+
+def test_clip_is_torch_clip_grad_norm():
+  """torch.nn.utils.clip_grad_norm_: g * min(1, max_norm / (||g|| + 1e-6)); it scales at ||g|| == max_norm too."""
+  clip = optim.clip_by_global_norm(5.0)
+  for norm in (50.0, 5.0, 1.0):
+    g = {'a': jnp.full((4,), norm / 2), 'b': jnp.zeros((3,))}          # ||g|| = norm
+    out, _ = clip.update(g, clip.init(g))
+    factor = min(1.0, 5.0 / (norm + 1e-6))
+    np.testing.assert_allclose(out['a'], norm / 2 * factor, rtol=1e-7)
+  assert float(out['a'][0]) == 0.5   # ||g|| = 1: unchanged
+
+
+def test_epoch_counts_are_truncated_like_build_scheduler():
+  """Their build_scheduler: int(epochs * n_iter_per_epoch) (truncation, not rounding)."""
+  c = ml_collections.ConfigDict(dict(
+      train=dict(total_steps=0, total_epochs=2.5), optim=dict(warmup_steps=-1, warmup_epochs=0.75)))
+  assert optim.warmup_and_total_steps(c, 3) == (int(0.75 * 3), int(2.5 * 3)) == (2, 7)

@@ -12,8 +12,7 @@ from tests import seg_fixtures
 
 
 def _eval_args():
-  return ['--window_batch', '2'] + [a for k, v in seg_fixtures.TINY_EVAL.items() if k != 'window_batch'
-                                    for a in ('--set', f'{k}={v}')]
+  return [f'--eval.{k}={v}' for k, v in seg_fixtures.TINY_EVAL.items()]
 
 
 def test_single_image_writes_overlay_scores_and_labels(tmp_path, capsys):

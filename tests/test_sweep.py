@@ -118,7 +118,7 @@ def test_print_mode_commands_parse_back_to_the_resolved_configs(tmp_path):
   root = tmp_path / 'sweep'
   spec = _write_sweep(tmp_path, TWO_DELTAS)
   p = _cli('--config=configs/tiny.py:binding=paper', f'--sweep={spec}', f'--workdir_root={root}',
-           '--set', 'train.total_steps=3', '--set', "mesh=(('data', -1), ('fsdp', 2))")
+           '--config.train.total_steps=3', "--config.mesh=(('data', -1), ('fsdp', 2))")
   assert p.returncode == 0, p.stderr
   mesh = shlex.quote("--config.mesh=(('data', -1), ('fsdp', 2))")
   assert p.stdout.splitlines() == [
@@ -129,8 +129,9 @@ def test_print_mode_commands_parse_back_to_the_resolved_configs(tmp_path):
   ]
   assert not root.exists()  # print writes nothing
   # What the trainer would parse from each printed line == what --run=dry resolves for the run.
-  assert _cli('--config=configs/tiny.py:binding=paper', f'--sweep={spec}', f'--workdir_root={root}', '--set',
-              'train.total_steps=3', '--set', "mesh=(('data', -1), ('fsdp', 2))", '--run=dry').returncode == 0
+  assert _cli('--config=configs/tiny.py:binding=paper', f'--sweep={spec}', f'--workdir_root={root}',
+              '--config.train.total_steps=3', "--config.mesh=(('data', -1), ('fsdp', 2))",
+              '--run=dry').returncode == 0
   for line in p.stdout.splitlines():
     argv = shlex.split(line)[3:]
     parsed = sweep._parse_config_flags([a for a in argv if not a.startswith('--workdir=')])
@@ -272,7 +273,7 @@ def test_local_sweep_trains_two_runs(tmp_path):
                   '--num_images', '32', '--seed', '0', '--format', 'tfds'],
                  cwd=ROOT, check=True, capture_output=True, timeout=120)
   root = tmp_path / 'sweep'
-  sets = [a for s in SMALL + [f'data.data_dir={data}', 'train.total_steps=1'] for a in ('--set', s)]
+  sets = [f'--config.{s}' for s in SMALL + [f'data.data_dir={data}', 'train.total_steps=1']]
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   p = _cli('--config=configs/tiny.py', f'--sweep={_write_sweep(tmp_path, SEEDS)}', '--run=local',

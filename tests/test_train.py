@@ -23,6 +23,7 @@ import pytest
 from ovseg_jax import checkpoint as ckpt_lib
 from ovseg_jax import export as export_lib
 from ovseg_jax import optim
+from ovseg_jax import param_tree
 from ovseg_jax import sharding
 from ovseg_jax import train
 from ovseg_jax import train_step as ts
@@ -33,7 +34,7 @@ CACHE_ENV = tf.use_compile_cache()
 
 
 def _source(config, on_fetch=None):
-  """make_batches for train_and_evaluate; on_fetch(index) runs before batch `index` is produced."""
+  """make_batches for train.train; on_fetch(index) runs before batch `index` is produced."""
   def make(start_state):
     it = tf.batches(config, start_state)
     if on_fetch is None:
@@ -64,7 +65,7 @@ def _final_state(workdir):
 def straight(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('straight'))
   config = tf.small_config()
-  out = train.train_and_evaluate(config, workdir, make_batches=_source(config))
+  out = train.train(config, workdir, make_batches=_source(config))
   return workdir, out
 
 
@@ -83,7 +84,7 @@ def test_straight_run_writes_config_metrics_and_checkpoints(straight):
   ck.close()
   # re-running a finished workdir resumes, sees step 6 of 6 and returns without compiling
   config = tf.small_config()
-  assert train.train_and_evaluate(config, workdir, make_batches=_source(config)) == {'step': 6}
+  assert train.train(config, workdir, make_batches=_source(config)) == {'step': 6}
 
 
 def test_kill_and_resume_in_a_new_process_is_bit_exact(straight, tmp_path):
@@ -93,7 +94,7 @@ def test_kill_and_resume_in_a_new_process_is_bit_exact(straight, tmp_path):
   def sigterm_before_step_3(index):
     if index == 2:   # fetching the batch of step 3: SIGTERM arrives mid-run, the trainer saves step 3
       os.kill(os.getpid(), signal.SIGTERM)
-  out = train.train_and_evaluate(config, workdir, make_batches=_source(config, sigterm_before_step_3))
+  out = train.train(config, workdir, make_batches=_source(config, sigterm_before_step_3))
   assert out['step'] == 3
   assert _final_state(workdir)[0] == 3
 
@@ -103,7 +104,7 @@ def test_kill_and_resume_in_a_new_process_is_bit_exact(straight, tmp_path):
       from tests import train_fixtures as tf
       from ovseg_jax import train
       config = tf.small_config()
-      out = train.train_and_evaluate(config, {workdir!r}, make_batches=lambda s: tf.batches(config, s))
+      out = train.train(config, {workdir!r}, make_batches=lambda s: tf.batches(config, s))
       print('FINAL_STEP', out['step'])
   ''')
   # the same program as this process: 8 devices and conftest's matmul precision
@@ -116,7 +117,7 @@ def test_kill_and_resume_in_a_new_process_is_bit_exact(straight, tmp_path):
   step_a, a = _final_state(straight[0])
   step_b, b = _final_state(workdir)
   assert step_a == step_b == 6
-  la, lb = optim.named_leaves(a), optim.named_leaves(b)
+  la, lb = param_tree.named_leaves(a), param_tree.named_leaves(b)
   assert [n for n, _ in la] == [n for n, _ in lb]
   for (n, x), (_, y) in zip(la, lb):
     np.testing.assert_array_equal(x, y, err_msg=n)
@@ -127,15 +128,15 @@ def test_restore_onto_another_mesh(straight, mesh_axes, num_devices):
   config = tf.small_config()
   model = ts.make_model(config)
   tx, _ = optim.make_optimizer(config.optim, total_steps=6, warmup_steps=1, global_batch=8)
-  abstract = jax.eval_shape(lambda r: ts.init_state(config, model, tx, r), jax.random.key(0))
   mesh = sharding.make_mesh(mesh_axes, jax.devices()[:num_devices])
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding)
+  target, _ = sharding.abstract_state(lambda r: ts.init_state(config, model, tx, r), mesh, config.sharding,
+                                      jax.random.key(0))
   ck = ckpt_lib.TrainCheckpointer(ckpt_lib.train_checkpoint_dir(straight[0]), save_every=1, keep=0)
-  state, data_state, meta = ck.restore(sharding.with_shardings(abstract, shardings))
+  state, data_state, meta = ck.restore(target)
   ck.close()
   assert data_state == {'index': 6} and meta['step'] == 6
   _, saved = _final_state(straight[0])
-  for (n, x), (_, y) in zip(optim.named_leaves(state), optim.named_leaves(saved)):
+  for (n, x), (_, y) in zip(param_tree.named_leaves(state), param_tree.named_leaves(saved)):
     assert {d.id for d in x.sharding.device_set} == {d.id for d in jax.devices()[:num_devices]}, n
     np.testing.assert_array_equal(np.asarray(x), y, err_msg=n)
   kernel = state['params']['img_projector']['linear_hidden']['kernel']   # [32, 64]: split over fsdp=2
@@ -161,7 +162,7 @@ def test_nan_stops_with_the_step_number_and_keeps_the_last_good_checkpoint(tmp_p
     return Poisoned()
   workdir = str(tmp_path / 'nan')
   with pytest.raises(train.TrainingDiverged, match='at step 5 .*last good checkpoint is step 3'):
-    train.train_and_evaluate(config, workdir, make_batches=poison)
+    train.train(config, workdir, make_batches=poison)
   assert _final_state(workdir)[0] == 3
   ck = ckpt_lib.TrainCheckpointer(ckpt_lib.train_checkpoint_dir(workdir), save_every=1, keep=0)
   assert ck.all_steps() == [3]
@@ -174,7 +175,7 @@ def test_export_writes_online_variables_only(straight, tmp_path):
   assert set(variables) == {'params', 'batch_stats'}
   assert model_config.vision.width == 32
   _, saved = _final_state(straight[0])
-  for (n, x), (_, y) in zip(optim.named_leaves(variables), optim.named_leaves(
+  for (n, x), (_, y) in zip(param_tree.named_leaves(variables), param_tree.named_leaves(
       {'params': saved['params'], 'batch_stats': saved['batch_stats']})):
     np.testing.assert_array_equal(x, y, err_msg=n)
 

@@ -23,6 +23,7 @@ import pytest
 
 from configs import vitb
 from ovseg_jax import optim
+from ovseg_jax import param_tree
 from ovseg_jax import train_step as ts
 from ovseg_jax.convert import official
 
@@ -96,7 +97,7 @@ NOISE = 1e-4
 
 def _our_path(name, grads):
   """Authors' parameter name -> our '/'-joined param path (the converter's mapping), trying the leaf kinds."""
-  flat = dict(optim.named_leaves(grads))
+  flat = dict(param_tree.named_leaves(grads))
   for dummy in (np.zeros((2, 2)), np.zeros((2,)), np.zeros((1, 2, 2))):
     tgt = official.target_of(name, dummy)
     if tgt is not None and '/'.join(tgt[1]) in flat:
@@ -105,7 +106,7 @@ def _our_path(name, grads):
 
 
 def test_per_parameter_gradient_norms(run, golden):
-  grads = dict(optim.named_leaves(run['grads']))
+  grads = dict(param_tree.named_leaves(run['grads']))
   names = [str(n) for n in golden['grad_names']]
   assert not any(n.startswith('text_encoder') for n in names)
   ours = {}
@@ -125,7 +126,7 @@ def test_per_parameter_gradient_norms(run, golden):
 
 
 def test_listed_full_gradients(run, golden):
-  grads = dict(optim.named_leaves(run['grads']))
+  grads = dict(param_tree.named_leaves(run['grads']))
   keys = [k for k in golden if k.startswith('grad/')]
   assert len(keys) == 6
   for key in keys:

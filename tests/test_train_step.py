@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from ovseg_jax import optim
+from ovseg_jax import param_tree
 from ovseg_jax import sharding
 from ovseg_jax import train_step as ts
 from tests import train_fixtures as tf
@@ -80,8 +81,8 @@ STATE_ATOL = 5e-4
 
 
 def _assert_states_close(a, b, lr_sum):
-  la = optim.named_leaves(a)
-  lb = dict(optim.named_leaves(b))
+  la = param_tree.named_leaves(a)
+  lb = dict(param_tree.named_leaves(b))
   assert [n for n, _ in la] == list(lb)
   diffs = {n: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(lb[n], np.float64)), initial=0.0))
            for n, x in la}
@@ -102,8 +103,8 @@ def test_single_device_step_trains(single):
   assert int(single['state']['step']) == STEPS
   # every leaf moved (no silently dead parameter group) except the BERT pooler bias: the pooler is unused
   # (official [CLS] pooling), so it has no gradient, and a bias is not weight-decayed
-  init = dict(optim.named_leaves(single['init']['params']))
-  still = [n for n, x in optim.named_leaves(single['state']['params']) if np.array_equal(x, init[n])]
+  init = dict(param_tree.named_leaves(single['init']['params']))
+  still = [n for n, x in param_tree.named_leaves(single['state']['params']) if np.array_equal(x, init[n])]
   assert still == ['text_encoder/pooler/dense/bias']
 
 
@@ -141,7 +142,7 @@ def test_ema_teacher_math(single):
   for before, after in zip(single['states'][:-1], single['states'][1:]):
     want = jax.tree.map(lambda t, p: 0.99 * np.asarray(t, np.float64) + 0.01 * np.asarray(p, np.float64),
                         before['ema'], after['params']['img_encoder'])
-    for (n, got), (_, w) in zip(optim.named_leaves(after['ema']), optim.named_leaves(want)):
+    for (n, got), (_, w) in zip(param_tree.named_leaves(after['ema']), param_tree.named_leaves(want)):
       np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7, err_msg=n)
   # the teacher is not the student after a step (it lags behind)
   first = single['states'][1]
@@ -157,9 +158,9 @@ def test_non_finite_batch_is_a_no_op_step(data_parallel):
   after, m = run['jit'](before, sharding.host_batch_to_global(batch, run['mesh']), jax.random.key(1))
   m, after = jax.device_get((m, after))
   assert m['finite'] == 0.0 and not np.isfinite(m['loss'])
-  for (n, a), (_, b) in zip(optim.named_leaves({k: run['state'][k] for k in ('params', 'opt_state', 'ema',
+  for (n, a), (_, b) in zip(param_tree.named_leaves({k: run['state'][k] for k in ('params', 'opt_state', 'ema',
                                                                             'batch_stats')}),
-                            optim.named_leaves({k: after[k] for k in ('params', 'opt_state', 'ema',
+                            param_tree.named_leaves({k: after[k] for k in ('params', 'opt_state', 'ema',
                                                                       'batch_stats')})):
     np.testing.assert_array_equal(a, b, err_msg=n)
   assert int(after['step']) == STEPS + 1
@@ -194,27 +195,9 @@ def test_mask_branch_is_skipped_only_while_lambda_is_zero():
   assert m_full['mask_lambda'] == 0.0 and m_full['loss_mask'] > 0 and m_skip['loss_mask'] == 0.0
   np.testing.assert_allclose(m_skip['loss'], m_full['loss'], rtol=1e-6)
   for part in ('params', 'opt_state', 'ema'):
-    for (n, a), (_, b) in zip(optim.named_leaves(full[part]), optim.named_leaves(skip[part])):
+    for (n, a), (_, b) in zip(param_tree.named_leaves(full[part]), param_tree.named_leaves(skip[part])):
       np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f'{part}/{n}')
-  differ = sorted({n.split('/')[0] for (n, a), (_, b) in zip(optim.named_leaves(full['batch_stats']),
-                                                            optim.named_leaves(skip['batch_stats']))
+  differ = sorted({n.split('/')[0] for (n, a), (_, b) in zip(param_tree.named_leaves(full['batch_stats']),
+                                                            param_tree.named_leaves(skip['batch_stats']))
                    if not np.allclose(a, b, atol=1e-7)})
   assert differ == ['img_projector', 'text_projector'], differ
-
-
-def test_group_entity_option_adds_its_term():
-  """loss.group_entity_weight (not in the paper) adds w * L_group_entity to Eq. 13 over the dataset's entity
-  vocabulary; the in-memory answers name cc4m entities ("a photo of a dog.")."""
-  config = tf.small_config()
-  config.loss.group_entity_weight = 0.5
-  config.loss.group_entity_bg_weight = 0.2
-  config.data.dataset = 'synthetic_captions'
-  assert ts.entity_vocab_arrays(config)[2].shape[0] == 6            # '' = the dataset's vocabulary
-  config.loss.group_entity_vocab = 'cc4m'
-  ids, mask, tokens = ts.entity_vocab_arrays(config)
-  assert ids.shape[0] == mask.shape[0] == tokens.shape[0] == 73
-  run = _run(config, jax.devices()[:1], steps=1)
-  m = run['metrics'][-1]
-  assert m['finite'] == 1.0 and m['loss_group_entity'] > 0 and 0.0 <= m['group_entity_acc'] <= 1.0
-  np.testing.assert_allclose(m['loss'], m['loss_contrast'] + m['loss_entity'] + 0.1 * m['loss_mask']
-                             + 0.5 * m['loss_group_entity'], rtol=1e-6)

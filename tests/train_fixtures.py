@@ -12,7 +12,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from configs import tiny
 from ovseg_jax import tokenizer as tokenizer_lib
-from ovseg_jax import train_data
+from tests import train_data
 
 
 # The same shrinking as `key=value` overrides for the CLIs (trainer, sweep) that tests run as subprocesses.

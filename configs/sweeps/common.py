@@ -7,7 +7,7 @@
   recipe=config        the config's own recipe, untouched. configs/tiny.py already is the paper's single run
                        scaled down (600 steps, mask loss from 75%), so use this with tiny.
   recipe=two_stage     the authors' stage 2 (config variant stage=2: mask loss, frozen text encoder, lr 1e-5),
-                       which must start from a stage-1 run: add `--set train.init_from=<stage-1 workdir>`.
+                       which must start from a stage-1 run: add `--config.train.init_from=<stage-1 workdir>`.
                        Only for the tables that ablate the mask loss (4, 5, 9); vitb / vits.
 """
 

@@ -11,10 +11,13 @@
 Errors are one line (`error: ...`, exit status 2).
 """
 
-import argparse
 import importlib.util
 import os
 import sys
+
+from absl import flags
+
+from ovseg_jax import cli
 
 
 def load_config(path_arg: str):
@@ -35,42 +38,54 @@ def _default_config() -> str:
   return os.path.join(here, 'configs', 'vitb.py')
 
 
+KINDS = ('official', 'dino', 'bert')
+
+
+def parse_args(argv=None):
+  """`KIND --src S --dst D [--config C]`: the converter is the first argument, its flags follow."""
+  argv = cli.argv_or_sys(argv)
+  kind = argv[0] if argv else None
+  if kind not in KINDS:
+    if kind in cli.HELP_FLAGS:
+      print(f'usage: python -m ovseg_jax.convert {{{"|".join(KINDS)}}} [flags]\n\n{__doc__.strip()}')
+      raise cli.Exit(0)
+    cli.error(f'give the converter first: python -m ovseg_jax.convert {"|".join(KINDS)} --src ... --dst ...'
+              + (f' (not {kind!r})' if kind else ''))
+  fv = flags.FlagValues()
+  flags.DEFINE_string('src', None, {'official': "the authors' checkpoint .pth", 'dino': 'DINO ViT .pth',
+                                    'bert': 'HF BERT folder'}[kind], flag_values=fv)
+  flags.DEFINE_string('dst', None, 'output folder', flag_values=fv)
+  if kind != 'bert':
+    flags.DEFINE_string('config', _default_config() if kind == 'official' else None,
+                        'configs/X.py[:variant] (model shapes)', flag_values=fv)
+  args = cli.parse(fv, argv[1:], prog=f'python -m ovseg_jax.convert {kind}', doc=__doc__,
+                   required=('src', 'dst') + (('config',) if kind == 'dino' else ()))
+  args.kind = kind
+  return args
+
+
+@cli.entry_point
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m ovseg_jax.convert', description=__doc__.split('\n')[0])
-  sub = parser.add_subparsers(dest='kind', required=True)
-  for kind in ('official', 'dino', 'bert'):
-    p = sub.add_parser(kind)
-    p.add_argument('--src', required=True)
-    p.add_argument('--dst', required=True)
-    if kind != 'bert':
-      p.add_argument('--config', default=_default_config() if kind == 'official' else None,
-                     required=kind == 'dino')
-  args = parser.parse_args(argv)
+  args = parse_args(argv)
   try:
     if args.kind == 'official':
-      import jax  # pylint: disable=g-import-not-at-top
-      import numpy as np  # pylint: disable=g-import-not-at-top
-      import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
       from ovseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
       from ovseg_jax.convert import official  # pylint: disable=g-import-not-at-top
       base = load_config(args.config).model
       model_config, variables, teacher, stored = official.load_official(args.src, base)
       meta = {'source': os.path.abspath(args.src), 'converter': 'ovseg_jax.convert.official',
               'has_teacher': teacher is not None, 'stored_config': stored}
-      out = checkpoint.save_inference(args.dst, model_config, variables, meta)
-      if teacher is not None:
-        with ocp.StandardCheckpointer() as ckptr:
-          ckptr.save(os.path.join(out, 'teacher'), {'params': jax.tree.map(np.asarray, teacher)}, force=True)
-          ckptr.wait_until_finished()
-      print(f'wrote {out}')
+      print(f'wrote {checkpoint.save_inference(args.dst, model_config, variables, meta, teacher=teacher)}')
     elif args.kind == 'dino':
       from ovseg_jax.convert import dino  # pylint: disable=g-import-not-at-top
       print(f'wrote {dino.save_dino_init(args.src, args.dst, load_config(args.config).model)}')
     else:
       from ovseg_jax.convert import bert  # pylint: disable=g-import-not-at-top
       print(f'wrote {bert.save_bert_init(args.src, args.dst)}')
-  except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+  except (ValueError, FileNotFoundError, KeyError, OSError, MemoryError) as e:
+    # One line (errors.UsageError and the readers' messages name the file); the first non-blank line if a
+    # library's message spans several.
+    msg = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
     print(f'error: {msg}', file=sys.stderr)
     return 2
   return 0

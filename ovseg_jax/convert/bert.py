@@ -10,10 +10,11 @@ Old checkpoints (e.g. bert-base-uncased's own files) name LayerNorm params `gamm
 Strictness (big_vision style): every source key under `prefix` must be placed and every model param must be
 filled, except the source keys matching `DONT_LOAD` (documented there). Anything else is a ValueError.
 
-Init format written by `save_bert_init` (read by `load_bert_init`, used by `--config.train.init_bert`):
+Init format written by `save_bert_init` (read by `load_bert_init`, used by `--config.train.init_bert`;
+checkpoint.py writes and reads the files):
     DIR/text_config.json   the `config.model.text` ConfigDict (JSON)
     DIR/variables/         Orbax StandardCheckpointer tree {'params': BertModel params}
-    DIR/meta.json          provenance (source folder and weights file)
+    DIR/meta.json          provenance (source folder)
 """
 
 import json
@@ -24,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from ovseg_jax import checkpoint
+from ovseg_jax import errors
 from ovseg_jax.models import bert as bert_model
 
 # Source keys that are deliberately not loaded, with the reason.
@@ -37,9 +39,6 @@ DONT_LOAD = (
 # (MLM and next-sentence heads, e.g. in bert-base-uncased's own weights); OVSegmentor never uses them.
 HEAD_KEYS = (r'cls\..*',)
 
-TEXT_CONFIG = 'text_config.json'
-VARIABLES = 'variables'
-META = 'meta.json'
 SAFETENSORS = 'model.safetensors'
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
 TORCH_BIN = 'pytorch_model.bin'
@@ -50,10 +49,6 @@ def hf_key(path: tuple[str, ...]) -> str:
   *mods, leaf = path
   mods = [re.sub(r'^layer_(\d+)$', r'layer.\1', m) for m in mods]
   return '.'.join(mods + [{'kernel': 'weight', 'embedding': 'weight', 'scale': 'weight', 'bias': 'bias'}[leaf]])
-
-
-def _path_str(path) -> str:
-  return '/'.join(p.key for p in path)
 
 
 def param_shapes(config) -> dict:
@@ -149,8 +144,55 @@ def text_config_from_hf(config_json: dict) -> ml_collections.ConfigDict:
       type_vocab=int(c['type_vocab_size']),
       ln_eps=float(c['layer_norm_eps']),
       dropout=float(c['hidden_dropout_prob']),
-      max_length=min(77, max_position),  # the authors' caption length (official notes §1.4)
+      max_length=min(77, max_position),  # the authors' caption length (docs/paper_vs_authors.md Q5)
   ))
+
+
+def _load_safetensors(path: str) -> dict:
+  """safetensors.numpy.load_file, with a damaged file reported as one line naming it."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return load_file(path)
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError, OSError: the file is bad)
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise errors.UsageError(f'{path} is not a readable safetensors file ({msg})') from None
+
+
+def index_shards(directory: str, index: str) -> list[str]:
+  """The shard files a model.safetensors.index.json names, each checked to lie inside its folder.
+
+  A name must be a relative path without `..`; the file it reaches, symlinks resolved, must lie in
+  `directory` or, when the index itself is a symlink (the HF hub cache: snapshots/<rev>/* -> ../../blobs/*),
+  in the folder of the index's target. Anything else (an absolute path, `..`, a symlink escaping the folder)
+  is refused before any file is opened: an index must not make the converter read files elsewhere.
+  """
+  try:
+    with open(index, encoding='utf-8') as f:
+      weight_map = json.load(f)['weight_map']
+  except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+    raise errors.UsageError(f'{index} is not a safetensors index ({type(e).__name__}: '
+                            f'{str(e).splitlines()[0][:200] if str(e) else ""})') from None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise errors.UsageError(f'{index}: weight_map is not a non-empty {{key: shard file}} object')
+  bad = [v for v in weight_map.values() if not isinstance(v, str)]
+  if bad:
+    raise errors.UsageError(f'{index}: weight_map names a shard by a {type(bad[0]).__name__}, not a file name')
+  roots = {os.path.realpath(directory), os.path.dirname(os.path.realpath(index))}
+  paths = []
+  for name in sorted(set(weight_map.values())):
+    parts = name.replace('\\', '/').split('/')
+    if not name or '\0' in name or os.path.isabs(name) or '..' in parts or not name.endswith('.safetensors'):
+      raise errors.UsageError(f'{index} names shard {name[:200]!r}: expected a .safetensors file name inside '
+                              f'{directory} (no absolute path, no ..)')
+    path = os.path.join(directory, name)
+    real = os.path.realpath(path)
+    if not any(real.startswith(os.path.join(root, '')) for root in roots):
+      raise errors.UsageError(f'{index} names shard {name!r}, which resolves to {real}, outside {directory}; '
+                              'refusing to read it')
+    if not os.path.isfile(path):
+      raise errors.UsageError(f'{index} names shard {name!r}, which is missing from {directory}')
+    paths.append(path)
+  return paths
 
 
 def read_hf_weights(directory: str) -> tuple[dict, str]:
@@ -158,17 +200,17 @@ def read_hf_weights(directory: str) -> tuple[dict, str]:
 
   Order: model.safetensors, model.safetensors.index.json (sharded), pytorch_model.bin (restricted unpickler).
   """
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, SAFETENSORS)
   if os.path.isfile(path):
-    return load_file(path), path
+    return _load_safetensors(path), path
   index = os.path.join(directory, SAFETENSORS_INDEX)
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
-    state = {}
-    for name in files:
-      state.update(load_file(os.path.join(directory, name)))
+    state, origin = {}, {}
+    for path in index_shards(directory, index):
+      for key, value in _load_safetensors(path).items():
+        if key in state:
+          raise errors.UsageError(f'{key} is in two shards of {index}: {origin[key]} and {path}')
+        state[key], origin[key] = value, path
     return state, index
   path = os.path.join(directory, TORCH_BIN)
   if os.path.isfile(path):
@@ -206,37 +248,16 @@ def save_bert_init(src_dir: str, dst_dir: str) -> str:
   Returns the absolute destination folder.
   """
   text_config, params = load_hf_folder(src_dir)
-  dst_dir = os.path.abspath(dst_dir)
-  os.makedirs(dst_dir, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(dst_dir, VARIABLES), {'params': params}, force=True)
-    ckptr.wait_until_finished()
-  with open(os.path.join(dst_dir, TEXT_CONFIG), 'w') as f:
-    f.write(text_config.to_json(indent=1))
-  with open(os.path.join(dst_dir, META), 'w') as f:
-    json.dump({'source': os.path.abspath(src_dir), 'converter': 'ovseg_jax.convert.bert'}, f, indent=1)
-  return dst_dir
+  meta = {'source': os.path.abspath(src_dir), 'converter': 'ovseg_jax.convert.bert'}
+  return checkpoint.save_text_init(dst_dir, text_config, params, meta)
 
 
 def load_bert_init(directory: str):
-  """Reads `save_bert_init` output -> (text_config ConfigDict, params: nested dict of numpy arrays)."""
-  directory = os.path.abspath(directory)
-  config_path = os.path.join(directory, TEXT_CONFIG)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'expected {config_path}; write it with '
-                            '`python -m ovseg_jax.convert bert --src HF_DIR --dst DIR`')
-  with open(config_path) as f:
-    text_config = ml_collections.ConfigDict(json.load(f))
-  var_dir = os.path.join(directory, VARIABLES)
-  if not os.path.isdir(var_dir):
-    raise FileNotFoundError(f'expected Orbax BERT params at {var_dir}')
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(var_dir)['params']
-  params = jax.tree.map(np.asarray, params)
-  want = {_path_str(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(param_shapes(text_config))[0]}
-  have = {_path_str(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  if want != have:
-    bad = sorted(n for n in set(want) | set(have) if want.get(n) != have.get(n))
-    raise ValueError(f'{var_dir} does not match {TEXT_CONFIG}: {bad[0]} has shape {have.get(bad[0])}, '
-                     f'expected {want.get(bad[0])} ({len(bad)} params differ)')
+  """Reads `save_bert_init` output -> (text_config ConfigDict, params: nested dict of numpy arrays).
+
+  The params must be exactly those of `BertModel(text_config)` (every mismatch is listed in one error).
+  """
+  text_config, params = checkpoint.load_text_init(directory)
+  checkpoint.check_tree(params, param_shapes(text_config), f'{directory} (checked against its '
+                        f'{checkpoint.TEXT_CONFIG})')
   return text_config, params

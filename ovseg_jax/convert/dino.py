@@ -1,4 +1,6 @@
-"""facebookresearch/dino ViT checkpoints (ViT-S/16, ViT-B/16) -> the visual encoder's params (notes §5).
+"""facebookresearch/dino ViT checkpoints (ViT-S/16, ViT-B/16) -> the visual encoder's params.
+
+Which DINO blocks go where: docs/paper_vs_authors.md Q30.
 
 Source layout: cls_token [1,1,D], pos_embed [1,1+L,D], patch_embed.proj.{weight [D,3,p,p], bias},
 blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight, bias}, norm.{weight, bias}
@@ -10,33 +12,31 @@ and its `head.*` projection head is dropped). Mapping, as the authors' loader do
 The group tokens and the binding module have no DINO counterpart and keep their fresh init
 (`NOT_IN_SOURCE`). DINO's 12-head (ViT-B) qkv is run with config.model.vision.num_heads heads (official: 8).
 
-Init format written by `save_dino_init` (read by `load_dino_init`, used by `--config.train.init_from`):
+Init format written by `save_dino_init` (read by `load_dino_init`, used by `--config.train.init_from`): the
+inference-checkpoint layout of checkpoint.py, holding only what DINO provides:
     DIR/variables/       Orbax tree {'params': {'img_encoder': <the loaded params only>}}
     DIR/model_config.json  the `config.model` it was checked against;  DIR/meta.json provenance
-Merge it into freshly initialised params with `merge_params`.
+Merge it into freshly initialised params with `checkpoint.merge_params(..., allow_missing=True)`.
 """
 
-import json
-import os
 import re
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 
+from ovseg_jax import checkpoint
+from ovseg_jax import fileio
 from ovseg_jax.convert import official
 from ovseg_jax.convert import torch_pickle
 from ovseg_jax.models import visual as visual_lib
 
 DONT_LOAD = (
-    r'cls_token',   # the authors' model has no cls token (notes §1.2)
+    r'cls_token',   # the authors' model has no cls token (docs/paper_vs_authors.md Q2)
     r'head\..*',    # DINO's projection head (training checkpoints); not part of the backbone
 )
 NOT_IN_SOURCE = (r'group_token', r'binding/.*')  # learnable group tokens and binding module start fresh
 _PREFIXES = ('module.', 'backbone.')  # DataParallel / DINO MultiCropWrapper prefixes, stripped in this order
-VARIABLES = 'variables'
 
 
 def _strip(sd: dict) -> dict:
@@ -59,7 +59,7 @@ def dino_to_params(sd: dict, model_config) -> dict:
   d1 = vc.depths[0]
   if 'pos_embed' not in sd or 'patch_embed.proj.weight' not in sd:
     raise ValueError('not a DINO ViT state dict: pos_embed / patch_embed.proj.weight missing')
-  if tuple(vc.get('stem_channels', ())):
+  if tuple(vc.stem_channels):
     raise ValueError(f'config.model.vision.stem_channels={tuple(vc.stem_channels)}: DINO has a plain patch embed '
                      'and no conv stem; set --config.model.vision.stem_channels="()" to load it')
   nblocks = official.count_indexed('blocks.', sd)
@@ -102,42 +102,14 @@ def load_dino(path: str, model_config) -> dict:
   return dino_to_params(torch_pickle.state_dict_of(obj, path), model_config)
 
 
-def merge_params(fresh: dict, loaded: dict, where: str = 'img_encoder') -> dict:
-  """Returns `fresh` (nested dict) with every leaf present in `loaded` replaced; shapes must agree."""
-  out = dict(fresh)
-  for k, v in loaded.items():
-    if k not in fresh:
-      raise ValueError(f'{where}/{k} is not a parameter of the model')
-    if isinstance(v, dict):
-      out[k] = merge_params(fresh[k], v, f'{where}/{k}')
-    else:
-      if tuple(np.shape(v)) != tuple(np.shape(fresh[k])):
-        raise ValueError(f'{where}/{k}: loaded shape {np.shape(v)} != model shape {np.shape(fresh[k])}')
-      out[k] = jnp.asarray(v, jnp.asarray(fresh[k]).dtype)
-  return out
-
-
 def save_dino_init(src: str, dst: str, model_config) -> str:
-  """`python -m ovseg_jax.convert dino --src dino.pth --dst DIR --config configs/vitb.py`."""
+  """`python -m ovseg_jax.convert dino --src dino.pth --dst DIR --config configs/vitb.py`; -> the folder."""
   params = load_dino(src, model_config)
-  dst = os.path.abspath(dst)
-  os.makedirs(dst, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(dst, VARIABLES), {'params': {'img_encoder': params}}, force=True)
-    ckptr.wait_until_finished()
-  with open(os.path.join(dst, 'model_config.json'), 'w') as f:
-    f.write(ml_collections.ConfigDict(model_config).to_json(indent=1))
-  with open(os.path.join(dst, 'meta.json'), 'w') as f:
-    json.dump({'source': os.path.abspath(src), 'converter': 'ovseg_jax.convert.dino',
-               'not_in_source': list(NOT_IN_SOURCE)}, f, indent=1)
-  return dst
+  meta = {'source': fileio.abspath(src), 'converter': 'ovseg_jax.convert.dino',
+          'not_in_source': list(NOT_IN_SOURCE)}
+  return checkpoint.save_inference(dst, model_config, {'params': {'img_encoder': params}}, meta)
 
 
 def load_dino_init(directory: str) -> dict:
   """Reads `save_dino_init` output -> {'img_encoder': nested numpy params (partial, see NOT_IN_SOURCE)}."""
-  var_dir = os.path.join(os.path.abspath(directory), VARIABLES)
-  if not os.path.isdir(var_dir):
-    raise FileNotFoundError(f'expected Orbax params at {var_dir}; write them with '
-                            '`python -m ovseg_jax.convert dino --src dino.pth --dst DIR --config ...`')
-  with ocp.StandardCheckpointer() as ckptr:
-    return jax.tree.map(np.asarray, ckptr.restore(var_dir)['params'])
+  return checkpoint.load_inference(directory)[1]['params']

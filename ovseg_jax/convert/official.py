@@ -1,7 +1,7 @@
 """The authors' OVSegmentor checkpoint (`{'model': state_dict, 'config': DictConfig, ...}`) -> OVSegmentor
 variables {'params', 'batch_stats'} (+ the EMA teacher's img_encoder params from `img_encoder_momentum.*`).
 
-Key mapping (official notes §5; every rule is one line of `_MODULE_RENAMES` or `_WEIGHT_LAYOUTS`; the
+Key mapping (docs/paper_vs_authors.md Q31; every rule is one line of `_MODULE_RENAMES` or `_WEIGHT_LAYOUTS`; the
 exporter, convert/official_export.py, walks the same tables backwards):
   img_encoder.patch_embed.proj.weight [C,3,p,p]  -> img_encoder/patch_embed/proj/kernel [p,p,3,C]
   img_encoder.pos_embed [L,C]                    -> img_encoder/pos_embed
@@ -36,9 +36,9 @@ from ovseg_jax.models import visual as visual_lib
 
 # Source keys that are not loaded, and why.
 DONT_LOAD = (
-    r'logit_scale_mask',                                   # stage-2 parameter the authors never use (notes §1.5)
+    r'logit_scale_mask',                                   # stage-2 parameter nothing reads (paper_vs_authors.md Q8)
     r'.*\.num_batches_tracked',                            # BN step counter; momentum BN does not use it
-    r'multimodal_groupingblock\.blocks\.0\.assign\..*',    # AssignAttention built but never called (notes §1.7)
+    r'multimodal_groupingblock\.blocks\.0\.assign\..*',    # AssignAttention never called (paper_vs_authors.md Q9)
     r'text_encoder\.transformer\.embeddings\.position_ids',  # non-persistent arange buffer of old transformers
 )
 TEXT_PREFIX = 'text_encoder.transformer.'
@@ -210,9 +210,6 @@ def infer_model_config(sd: dict, stored: dict | None, base: ml_collections.Confi
   d1 = count_indexed('img_encoder.layers.0.blocks.', sd)
   d2 = count_indexed('img_encoder.layers.1.blocks.', sd)
   m.vision.stem_channels = ()  # the authors' layout: a plain patch embed (configs/tiny.py adds a stem)
-  m.binding.refine_iters = 0   # and no k-means rounds in the binding module
-  m.binding.refine_init = 'queries'
-  m.binding.query_residual = True
   m.vision.update(width=width, patch_size=patch, img_size=side * patch, depths=(d1, d2),
                   mlp_ratio=need('img_encoder.layers.0.blocks.0.mlp.fc1.weight').shape[0] / width)
   if img_cfg.get('num_heads'):
@@ -230,7 +227,7 @@ def infer_model_config(sd: dict, stored: dict | None, base: ml_collections.Confi
   m.proj.hidden = hidden.shape[0]
   m.proj.out = need('img_projector.linear_out.weight').shape[0]
   m.decoder.mlp_ratio = need('multimodal_groupingblock.blocks.0.post_attn.mlp.fc1.weight').shape[0] / width
-  m.decoder.attend_padding = True  # the authors' decoder ignores the padding mask (notes §1.7)
+  m.decoder.attend_padding = True  # the authors' decoder ignores the padding mask (docs/paper_vs_authors.md Q10)
 
   words = need(TEXT_PREFIX + 'embeddings.word_embeddings.weight')
   bc = stored.get('bert_config') or {}
@@ -299,7 +296,7 @@ def load_official(path: str, base_config: ml_collections.ConfigDict):
   """
   obj = torch_pickle.load(path)
   sd = torch_pickle.state_dict_of(obj, path)
-  stored = torch_pickle.plain(obj.get('config')) if isinstance(obj, dict) else None
+  stored = torch_pickle.plain(obj.get('config'), f'{path}: config') if isinstance(obj, dict) else None
   stored = stored if isinstance(stored, dict) else None
   model_config = infer_model_config(sd, stored, base_config)
   visual_lib.compute_dtype(model_config)

@@ -1,7 +1,7 @@
 """Training image augmentation on PIL / numpy, driven by an explicit `np.random.Generator`.
 
-Stage 2 (official notes §3 table): RandomResizedCrop(size, scale=(0.4, 1)) + horizontal flip + ImageNet
-normalisation. Stage 1 (`deit_aug`, notes §3.2, timm 0.6.12 `create_transform`): RandomResizedCrop(size,
+Stage 2 (docs/paper_vs_authors.md Q20): RandomResizedCrop(size, scale=(0.4, 1)) + horizontal flip + ImageNet
+normalisation. Stage 1 (`deit_aug`, same row, timm 0.6.12 `create_transform`): RandomResizedCrop(size,
 scale=(0.08, 1)) + flip + RandAugment 'rand-m9-mstd0.5-inc1' + normalisation + RandomErasing(p=0.25,
 mode='pixel', count 1). Every draw comes from the generator passed in, so a record's augmentation is a pure
 function of (record, seed, stream position): resumable and identical across worker counts.

@@ -5,7 +5,7 @@
 reads  D/annotations/instances_<split>.json   (COCO 2017 instance annotations)
 writes D/annotations/<split>_cocoobject/<image stem>_instanceTrainIds.png   (uint8 greyscale)
 
-This is the labelling GroupViT's `convert_coco_object.py` produces (official notes §6, [GAP]: the authors'
+This is the labelling GroupViT's `convert_coco_object.py` produces (docs/paper_vs_authors.md Q28: the authors'
 own script writes COCO-Stuff labels instead): COCO category ids 1..90 (80 used) map to contiguous 1..80 in
 ascending id order, which is the class order of `eval_datasets.COCO_OBJECT_CLASSES`; everything else (stuff
 and unlabelled pixels) is 0 = background. GroupViT starts from the COCO-Stuff pixel maps, whose thing pixels
@@ -14,13 +14,15 @@ in annotation order (a later instance overwrites an earlier one where they overl
 painted too (they are objects of their class); --no_crowd leaves them background.
 """
 
-import argparse
 import json
 import os
 import sys
 
+from absl import flags
 import numpy as np
 from PIL import Image
+
+from ovseg_jax import cli
 
 # The 80 COCO thing category ids in ascending order; position + 1 is the COCO Object class index.
 COCO_THING_IDS = (
@@ -67,14 +69,16 @@ def convert(coco_dir: str, split: str = 'val2017', include_crowd: bool = True, m
   return out_dir
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m ovseg_jax.data.coco_object', description=__doc__.split('\n')[0])
-  p.add_argument('--coco_dir', required=True, help='COCO root holding annotations/ (and images/<split>/)')
-  p.add_argument('--split', default='val2017')
-  p.add_argument('--annotations', default=None, help='instances JSON (default annotations/instances_<split>.json)')
-  p.add_argument('--no_crowd', action='store_true', help='leave crowd regions as background')
-  p.add_argument('--max_images', type=int, default=None)
-  args = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_string('coco_dir', None, 'COCO root holding annotations/ (and images/<split>/)', flag_values=fv)
+  flags.DEFINE_string('split', 'val2017', 'COCO split', flag_values=fv)
+  flags.DEFINE_string('annotations', None, 'instances JSON (default annotations/instances_<split>.json)',
+                      flag_values=fv)
+  flags.DEFINE_bool('no_crowd', False, 'leave crowd regions as background', flag_values=fv)
+  flags.DEFINE_integer('max_images', None, 'convert the first N images only', flag_values=fv)
+  args = cli.parse(fv, argv, prog='python -m ovseg_jax.data.coco_object', doc=__doc__, required=('coco_dir',))
   try:
     out = convert(args.coco_dir, args.split, not args.no_crowd, args.max_images, args.annotations)
   except (FileNotFoundError, ValueError) as e:

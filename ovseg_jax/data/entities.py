@@ -2,7 +2,7 @@
 
 Paper Sec. 3.1.2 / appendix A.1: a caption is kept when it names one of 100 frequent entities; the masked
 caption g(T) replaces every entity word by [MASK]; the prompted entity sentence h(E) fills the entities into a
-CLIP ImageNet template ("a bad photo of a dog and people"). The authors' code (official notes §4.2-4.3) has
+CLIP ImageNet template ("a bad photo of a dog and people"). The authors' code (docs/paper_vs_authors.md Q23) has
 two entity matchers with quirks; both are reproduced here behind `mode='official'`:
 
   * filtering: `nltk.word_tokenize` + case-sensitive exact token match ("dogs", "Dog" and "dog," never match);
@@ -23,6 +23,9 @@ import re
 
 import nltk
 from nltk.tokenize import NLTKWordTokenizer, RegexpTokenizer
+
+from ovseg_jax import cli
+from ovseg_jax import prompts
 
 MASK_TOKEN = '[MASK]'
 
@@ -54,32 +57,8 @@ CC4M_EXTRA_FORMS = {'ski': 'skis', 'doughnut': 'donut', 'tshirt': 'T-shirt'}
 
 SHAPES = ('circle', 'square', 'triangle', 'star', 'cross', 'ring')
 
-# CLIP's 80 ImageNet prompt templates (`full_imagenet_templates`); the answer uses the text before '{}'.
-IMAGENET_TEMPLATES = (
-    'a bad photo of a {}.', 'a photo of many {}.', 'a sculpture of a {}.', 'a photo of the hard to see {}.',
-    'a low resolution photo of the {}.', 'a rendering of a {}.', 'graffiti of a {}.',
-    'a bad photo of the {}.', 'a cropped photo of the {}.', 'a tattoo of a {}.', 'the embroidered {}.',
-    'a photo of a hard to see {}.', 'a bright photo of a {}.', 'a photo of a clean {}.',
-    'a photo of a dirty {}.', 'a dark photo of the {}.', 'a drawing of a {}.', 'a photo of my {}.',
-    'the plastic {}.', 'a photo of the cool {}.', 'a close-up photo of a {}.',
-    'a black and white photo of the {}.', 'a painting of the {}.', 'a painting of a {}.',
-    'a pixelated photo of the {}.', 'a sculpture of the {}.', 'a bright photo of the {}.',
-    'a cropped photo of a {}.', 'a plastic {}.', 'a photo of the dirty {}.',
-    'a jpeg corrupted photo of a {}.', 'a blurry photo of the {}.', 'a photo of the {}.',
-    'a good photo of the {}.', 'a rendering of the {}.', 'a {} in a video game.', 'a photo of one {}.',
-    'a doodle of a {}.', 'a close-up photo of the {}.', 'a photo of a {}.', 'the origami {}.',
-    'the {} in a video game.', 'a sketch of a {}.', 'a doodle of the {}.', 'a origami {}.',
-    'a low resolution photo of a {}.', 'the toy {}.', 'a rendition of the {}.', 'a photo of the clean {}.',
-    'a photo of a large {}.', 'a rendition of a {}.', 'a photo of a nice {}.', 'a photo of a weird {}.',
-    'a blurry photo of a {}.', 'a cartoon {}.', 'art of a {}.', 'a sketch of the {}.', 'a embroidered {}.',
-    'a pixelated photo of a {}.', 'itap of the {}.', 'a jpeg corrupted photo of the {}.',
-    'a good photo of a {}.', 'a plushie {}.', 'a photo of the nice {}.', 'a photo of the small {}.',
-    'a photo of the weird {}.', 'the cartoon {}.', 'art of the {}.', 'a drawing of the {}.',
-    'a photo of the large {}.', 'a black and white photo of a {}.', 'the plushie {}.',
-    'a dark photo of a {}.', 'itap of a {}.', 'graffiti of the {}.', 'a toy {}.', 'itap of my {}.',
-    'a photo of a cool {}.', 'a photo of a small {}.', 'a tattoo of the {}.',
-)
-TEMPLATE_PREFIXES = tuple(t.split('{}')[0] for t in IMAGENET_TEMPLATES)
+# The answer uses the text before '{}' of one of CLIP's 80 ImageNet prompt templates.
+TEMPLATE_PREFIXES = tuple(t.split('{}')[0] for t in prompts.IMAGENET_TEMPLATES)
 CROSS_PROMPT = 'A photo of {}'
 
 # Irregular plurals -> singular (checked before the suffix rules).
@@ -188,8 +167,8 @@ def _wordnet_lemmatizer():
     nltk.data.find('corpora/wordnet')
   except LookupError:
     raise RuntimeError(
-        "lemmatizer='wordnet' needs NLTK's wordnet corpus, which is not installed: follow "
-        "../shared/STACK.md 'nltk offline' (apt-get install wordnet-base wordnet-sense-index, copy their "
+        "lemmatizer='wordnet' needs NLTK's wordnet corpus, which is not installed: follow docs/data.md "
+        "'NLTK WordNet without a download' (apt-get install wordnet-base wordnet-sense-index, copy their "
         "files into $NLTK_DATA/corpora/wordnet/ with a lexnames file) or use lemmatizer='rules'") from None
   from nltk.stem import WordNetLemmatizer  # pylint: disable=g-import-not-at-top
   lem = WordNetLemmatizer()
@@ -410,16 +389,18 @@ def compare_modes(captions, vocab='cc4m') -> dict:
   return out
 
 
+@cli.entry_point
 def main(argv=None) -> int:
   """`python -m ovseg_jax.data.entities --captions FILE`: compare the two modes on one caption per line
   (a TSV/CSV line contributes its last column)."""
-  import argparse  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(description=main.__doc__)
-  p.add_argument('--captions', required=True)
-  p.add_argument('--limit', type=int, default=0, help='read at most this many lines (0: all)')
-  a = p.parse_args(argv)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  flags.DEFINE_string('captions', None, 'caption file, one caption per line (TSV/CSV: the last column)',
+                      flag_values=fv)
+  flags.DEFINE_integer('limit', 0, 'read at most this many lines (0: all)', flag_values=fv)
+  a = cli.parse(fv, argv, prog='python -m ovseg_jax.data.entities', doc=main.__doc__, required=('captions',))
   try:
     with open(a.captions, encoding='utf-8', errors='replace') as f:
       caps = []

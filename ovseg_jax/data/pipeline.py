@@ -6,7 +6,7 @@
 
 Order of the example stream (all of it deterministic in config.data.shuffle_seed):
   global stream position g = epoch * N + i  ->  example perm_epoch(i)   (grain `shuffle` after `repeat`: a
-  fresh global permutation every epoch; the authors never called `set_epoch`, notes §4.1, this port does)
+  fresh global permutation every epoch; the authors never called `set_epoch`, docs/paper_vs_authors.md Q22)
   -> augmentation rng = f(seed, g)  ->  host h takes positions g = h, h + P, h + 2P, ...  (P hosts)
   -> grain worker processes (config.data.num_workers, 0 = in-process) -> batches of global_batch / P.
 So the P hosts together read every example exactly once per epoch, and an example's augmentation does not
@@ -14,7 +14,7 @@ depend on the host or worker count. With W > 0 workers, worker w batches the hos
 and the batches are interleaved round-robin, so batch composition depends on W (a saved state records W and
 refuses another value). Workers are spawned processes: the entry script needs `if __name__ == '__main__':`.
 
-Per example (paper Sec. 3.1.2, official notes §4.2-4.3): the augmented image; the caption; the masked
+Per example (paper Sec. 3.1.2; docs/paper_vs_authors.md Q23, Q24): the augmented image; the caption; the masked
 caption g(T) (every entity -> [MASK]); the prompted entity sentence h(E) (random ImageNet template prefix
 + ' and '.join(entities)); a cross-image partner drawn uniformly from the examples sharing an entity e drawn
 uniformly from this example's entities (the entity -> example index written by the builder; it may be the
@@ -266,7 +266,7 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
                      f'{process_count} hosts')
   per_host = global_batch // process_count
   path = dataset_path(config)
-  split = d.get('split', 'train')
+  split = d.split
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   info = tfds.builder_from_directory(path).info
   if split not in info.splits:
@@ -279,14 +279,14 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
   transform = ExampleTransform(path=path, split=split, image_size=d.image_size, crop_scale=d.crop_scale,
                                deit_aug=d.deit_aug, entity_mode=d.entity_mode, vocab=vocab,
                                max_length=config.model.text.max_length,
-                               prompt_template=d.get('prompt_template', entities_lib.CROSS_PROMPT),
-                               answer_template=d.get('answer_template', ''), with_ids=with_ids,
-                               channel_shuffle=d.get('channel_shuffle', False))
+                               prompt_template=d.prompt_template,
+                               answer_template=d.answer_template, with_ids=with_ids,
+                               channel_shuffle=d.channel_shuffle)
   seed = int(d.shuffle_seed)
   ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
   ds = ds.random_map(transform, seed=seed + 1)
   ds = ds[process_index::process_count]
-  threads = int(d.get('read_threads', 2))
+  threads = int(d.read_threads)
   # a small read-ahead keeps the threads busy; elements are ~1.2 MB at 224 px, so not a whole batch's worth
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(8, 8 * threads)))
   ds = _SkipBad(ds).batch(per_host, drop_remainder=True)

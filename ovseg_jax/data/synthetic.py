@@ -9,7 +9,7 @@ yellow, purple, orange, with a random size (circumradius 24-38 % of the short si
 on a stripes / noise / gradient / checks background of low saturation. A class is its outline and its own
 surface pattern (PATTERNS: plain, stripes, dots, checks, grid, speckle, in a darker shade of the object's
 colour), the way a zebra is its outline and its stripes: a from-scratch tiny ViT learns patterns from
-captions in minutes, outlines alone not (README, issue 6). The caption names every object among distractor
+captions in minutes, outlines alone not (bench/RESULTS.md "End to end"). The caption names every object among distractor
 words, from a grammar whose spatial relations are true ("a small star to the left of a blue ring"); the
 colour (--colour_prob) and the background (--background_prob) are named only sometimes, sizes are
 attributes, the entity set is the six class names (`entities.SYNTHETIC`).
@@ -23,24 +23,27 @@ Every other split ('val', 'test', ...) draws images in which at least one object
 co-occurrence too. Sizes, positions, rotations and textures are fresh continuous draws per image, and the
 per-image random stream depends on (seed, split, index), so different seeds give disjoint images.
 
---format tfds writes through the CC4M builder's shard workers (`build_cc4m.run_build`, dataset name
+--format tfds writes through the CC4M builder's shard workers (`shard_writer.run_build`, dataset name
 `synthetic_captions`), so training reads it through the real pipeline. --format voc writes
 JPEGImages/, SegmentationClass/ (palette PNGs: 0 background, 1..6 = SHAPES order, 255 = a one-pixel
 ignore band just outside each object, where JPEG bleeds its colour), ImageSets/Segmentation/<split>.txt,
 class_names.txt (background first) and captions.txt.
 """
 
-import argparse
 import io
 import math
 import os
 import sys
 import time
 
+from absl import flags
 import numpy as np
 from PIL import Image
 
+from ovseg_jax import cli
+from ovseg_jax import errors
 from ovseg_jax.data import entities as entities_lib
+from ovseg_jax.data import shard_writer
 
 SHAPES = entities_lib.SHAPES
 COLOURS = ('red', 'green', 'blue', 'yellow', 'purple', 'orange')
@@ -56,7 +59,7 @@ PATTERN_PERIOD = 0.11       # pattern period, as a fraction of the image's short
 PATTERN_SHADE = 0.3         # brightness factor of the pattern's dark parts
 # Caption style: how often an object's colour / the background is named. Rare, so that matching captions to
 # images needs the object classes: with every colour named, the contrastive loss fell to ~0.8 on colours and
-# backgrounds alone while the shape classes stayed unlearned (README, issue 6).
+# backgrounds alone while the shape classes stayed unlearned (bench/RESULTS.md "End to end").
 COLOUR_PROB, BACKGROUND_PROB = 0.25, 0.2
 DATASET_NAME = 'synthetic_captions'
 
@@ -302,14 +305,13 @@ def _jpeg(image: np.ndarray, quality: int = 92) -> bytes:
   return out.getvalue()
 
 
-def iter_raw_records(task):
-  """build_cc4m task reader: synthetic images [task.start, task.start + task.count) as RawRecords."""
-  from ovseg_jax.data.build_cc4m import RawRecord  # pylint: disable=g-import-not-at-top
+def iter_raw_records(task: shard_writer.Task):
+  """The shard writer's reader: synthetic images [task.start, task.start + task.count) as RawRecords."""
   split, seed, min_size, max_size, colour_prob, background_prob = task.args
   for i in range(task.start, task.start + task.count):
     ex = make_example(seed, split, i, min_size, max_size, colour_prob=colour_prob,
                       background_prob=background_prob)
-    yield RawRecord(f'{split}-{i:07d}', _jpeg(ex['image']), ex['caption'])
+    yield shard_writer.RawRecord(f'{split}-{i:07d}', _jpeg(ex['image']), ex['caption'])
 
 
 def voc_palette() -> list:
@@ -361,43 +363,42 @@ def write_tfds(output: str, split: str, num_images: int, seed: int, min_size: in
                colour_prob: float = COLOUR_PROB, background_prob: float = BACKGROUND_PROB, num_workers: int = 1,
                shard_size: int = 1000, overwrite: bool = False, log=sys.stderr) -> dict:
   """Writes the split through the CC4M builder path (dataset `synthetic_captions`). Returns the report."""
-  from ovseg_jax.data import build_cc4m  # pylint: disable=g-import-not-at-top
-  tasks = [build_cc4m.Task(i, 'synthetic', f'synthetic:{split}', start, min(shard_size, num_images - start),
-                           (split, seed, min_size, max_size, colour_prob, background_prob))
+  tasks = [shard_writer.Task(i, 'synthetic', f'synthetic:{split}', start, min(shard_size, num_images - start),
+                             (split, seed, min_size, max_size, colour_prob, background_prob))
            for i, start in enumerate(range(0, num_images, shard_size))]
-  opts = build_cc4m.Options(max_side=max(512, max_size), min_side=min(64, min_size), vocab='synthetic',
-                            entity_mode='fixed')
-  return build_cc4m.run_build(tasks, output=output, name=DATASET_NAME, split=split, opts=opts,
-                              num_workers=num_workers, overwrite=overwrite, log=log)
+  opts = shard_writer.Options(max_side=max(512, max_size), min_side=min(64, min_size), vocab='synthetic',
+                              entity_mode='fixed')
+  return shard_writer.run_build(tasks, iter_raw_records, output=output, name=DATASET_NAME, split=split,
+                                opts=opts, num_workers=num_workers, overwrite=overwrite, log=log)
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  p.add_argument('--output', required=True, help='tfds data_dir (tfds) or the VOC root (voc)')
-  p.add_argument('--split', default='train')
-  p.add_argument('--num_images', type=int, required=True)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--format', default='tfds', choices=('tfds', 'voc'))
-  p.add_argument('--min_size', type=int, default=64)
-  p.add_argument('--max_size', type=int, default=128)
-  p.add_argument('--colour_prob', type=float, default=COLOUR_PROB,
-                 help='probability a caption names an object colour')
-  p.add_argument('--background_prob', type=float, default=BACKGROUND_PROB,
-                 help='probability a caption ends with a background phrase')
-  p.add_argument('--num_workers', type=int, default=1)
-  p.add_argument('--shard_size', type=int, default=1000)
-  p.add_argument('--overwrite', action='store_true', help='tfds: rebuild an existing split')
-  a = p.parse_args(argv)
-  from ovseg_jax.data import build_cc4m  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  flags.DEFINE_string('output', None, 'tfds data_dir (tfds) or the VOC root (voc)', flag_values=fv)
+  flags.DEFINE_string('split', 'train', 'split name', flag_values=fv)
+  flags.DEFINE_integer('num_images', None, 'images to write', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'the images are a function of (seed, split, index)', flag_values=fv)
+  flags.DEFINE_enum('format', 'tfds', ['tfds', 'voc'], 'tfds: training data; voc: an evaluation folder',
+                    flag_values=fv)
+  flags.DEFINE_integer('min_size', 64, 'smallest image side', flag_values=fv)
+  flags.DEFINE_integer('max_size', 128, 'largest image side', flag_values=fv)
+  flags.DEFINE_float('colour_prob', COLOUR_PROB, 'probability a caption names an object colour', flag_values=fv)
+  flags.DEFINE_float('background_prob', BACKGROUND_PROB, 'probability a caption ends with a background phrase',
+                     flag_values=fv)
+  flags.DEFINE_integer('num_workers', 1, 'worker processes (tfds)', flag_values=fv)
+  flags.DEFINE_integer('shard_size', 1000, 'examples per shard (tfds)', flag_values=fv)
+  flags.DEFINE_bool('overwrite', False, 'tfds: rebuild an existing split', flag_values=fv)
+  a = cli.parse(fv, argv, prog='python -m ovseg_jax.data.synthetic', doc=__doc__,
+                required=('output', 'num_images'))
   try:
     if a.num_images <= 0:
-      raise build_cc4m.UsageError(f'--num_images must be positive, got {a.num_images}')
+      raise errors.UsageError(f'--num_images must be positive, got {a.num_images}')
     if not 32 <= a.min_size <= a.max_size <= 1024:
-      raise build_cc4m.UsageError(
+      raise errors.UsageError(
           f'need 32 <= --min_size ({a.min_size}) <= --max_size ({a.max_size}) <= 1024')
     if a.shard_size <= 0:
-      raise build_cc4m.UsageError('--shard_size must be positive')
+      raise errors.UsageError('--shard_size must be positive')
     t0 = time.time()
     if a.format == 'voc':
       write_voc(a.output, a.split, a.num_images, a.seed, a.min_size, a.max_size)
@@ -407,9 +408,9 @@ def main(argv=None) -> int:
       report = write_tfds(a.output, a.split, a.num_images, a.seed, a.min_size, a.max_size,
                           colour_prob=a.colour_prob, background_prob=a.background_prob,
                           num_workers=a.num_workers, shard_size=a.shard_size, overwrite=a.overwrite)
-      print(build_cc4m.format_report(report))
+      print(shard_writer.format_report(report))
       print(f'dataset: {report["dataset_dir"]} in {time.time() - t0:.1f}s')
-  except (build_cc4m.UsageError, ValueError, OSError) as e:
+  except (errors.UsageError, ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

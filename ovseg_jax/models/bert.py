@@ -1,4 +1,4 @@
-"""BERT text encoder in flax.linen, weight-compatible with HF transformers' `BertModel` (official notes §1.4).
+"""BERT text encoder in flax.linen, weight-compatible with HF transformers' `BertModel` (docs/paper_vs_authors.md Q5).
 
 The authors run `AutoModel.from_pretrained('bert-base-uncased')` and take `last_hidden_state[:, 0]` ([CLS]) as the
 sentence embedding and all of `last_hidden_state` as token features; the pooler exists (its weights are in the

@@ -1,4 +1,4 @@
-"""The binding module: GroupViT's GroupingBlock, generalised (paper Eq. 3-6; official notes §1.2 step 3).
+"""The binding module: GroupViT's GroupingBlock, generalised (paper Eq. 3-6; docs/paper_vs_authors.md Q1).
 
   g  = LN_tokens(group tokens)                       [B, K_in, C]
   x  = LN_x(patch tokens)                            [B, L, C]
@@ -34,64 +34,16 @@ def straight_through_hard(y_soft: jnp.ndarray, axis: int) -> jnp.ndarray:
   return y_hard - jax.lax.stop_gradient(y_soft) + y_soft
 
 
-def farthest_keys(k: jnp.ndarray, num: int) -> jnp.ndarray:
-  """Farthest-point seeding on the unit keys: k [B, L, C] -> centres [B, num, C] (not in the paper).
-
-  The first centre is the key least similar to the image's mean key; each next one is the key whose best
-  cosine to the centres so far is lowest. Deterministic, so training and inference seed the same way.
-  Why: from scratch the learned queries of an image become near-identical (README, issue 6), and k-means
-  rounds started at identical centres cannot separate anything; seeds taken from the keys always differ.
-  Only the choice of index is not differentiable; the centres are keys, so gradients reach k.
-  """
-  kn = _unit(k.astype(jnp.float32))
-  mean = _unit(jnp.mean(kn, axis=1, keepdims=True))                       # [B, 1, C]
-  first = jnp.argmin(jnp.einsum('bqc,blc->bl', mean, kn), axis=-1)         # [B]
-  take = lambda idx: jnp.take_along_axis(kn, idx[:, None, None], axis=1)   # noqa: E731  [B, 1, C]
-  centres = take(first)
-  best = jnp.einsum('bqc,blc->bl', centres, kn)                            # [B, L] best cos to a centre
-  for _ in range(1, num):
-    nxt = take(jnp.argmin(best, axis=-1))
-    centres = jnp.concatenate([centres, nxt], axis=1)
-    best = jnp.maximum(best, jnp.einsum('bqc,blc->bl', nxt, kn))
-  return centres.astype(k.dtype)
-
-
-def _unit(x: jnp.ndarray) -> jnp.ndarray:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-
-
-def refine_queries(q: jnp.ndarray, k: jnp.ndarray, iters: int, scale: float):
-  """Soft spherical k-means of the keys, started at the learned queries (not in the paper; off by default).
-
-  For `iters` rounds: A = softmax_K(scale * cos(q_k, k_l)), q_k <- sum_l A[k, l] k_l / sum_l A[k, l].
-  Returns (q [B, K, C] the refined centres, raw [B, K, L] = scale * cos(q, k), the logits of Eq. 4).
-  Why: from scratch, the learned queries alone settle on one group for every object (README, issue 6),
-  while k-means on the same keys separates them; the rounds let each query take the patches nearest to it.
-  Differentiable throughout, with no parameters (so the param tree is the authors').
-  """
-  kn = _unit(k.astype(jnp.float32))
-  logits = lambda centres: scale * jnp.einsum('bkc,blc->bkl', _unit(centres), kn)  # noqa: E731
-  centres = q.astype(jnp.float32)
-  for _ in range(iters):
-    a = jax.nn.softmax(logits(centres), axis=1)
-    centres = jnp.einsum('bkl,blc->bkc', a, kn) / (jnp.sum(a, axis=-1, keepdims=True) + 1e-6)
-  return centres.astype(q.dtype), logits(centres)
-
-
 class AssignAttention(nn.Module):
   """Single-head assignment of the L patches to the K groups (paper Eq. 4-5).
 
   Returns (out [B, K, C], soft [B, K, L], hard [B, K, L], q [B, K, C], k [B, L, C]); `hard` is the map used
-  for the features (straight-through one-hot, or the soft map itself in 'soft' mode); `q` is q_proj(query),
-  or the refined centres when refine_iters > 0 (seeded at the queries or at `farthest_keys`).
+  for the features (straight-through one-hot, or the soft map itself in 'soft' mode).
   """
   assignment: str = 'gumbel_hard'
   tau: float = 1.0
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
-  refine_iters: int = 0
-  refine_scale: float = 10.0
-  refine_init: str = 'queries'
 
   @nn.compact
   def __call__(self, query: jnp.ndarray, key: jnp.ndarray, train: bool = False,
@@ -101,16 +53,7 @@ class AssignAttention(nn.Module):
     q = dense('q_proj')(query)
     k = dense('k_proj')(key)
     v = dense('v_proj')(key)
-    if self.refine_init == 'farthest':
-      if not self.refine_iters:
-        raise ValueError("binding.refine_init='farthest' seeds the k-means rounds: set binding.refine_iters > 0")
-      q = farthest_keys(k, q.shape[1])  # q_proj stays in the tree (and in the checkpoint) unused
-    elif self.refine_init != 'queries':
-      raise ValueError(f"binding.refine_init={self.refine_init!r}: expected 'queries' or 'farthest'")
-    if self.refine_iters:
-      q, raw = refine_queries(q, k, self.refine_iters, self.refine_scale)
-    else:
-      raw = jnp.einsum('bkc,blc->bkl', q, k).astype(jnp.float32) * (c ** -0.5)  # [B, K, L]
+    raw = jnp.einsum('bkc,blc->bkl', q, k).astype(jnp.float32) * (c ** -0.5)  # [B, K, L]
     soft = jax.nn.softmax(raw, axis=1)  # Eq. 4: softmax over the groups
     if self.assignment == 'soft':
       attn = soft
@@ -148,10 +91,6 @@ class GroupingBlock(nn.Module):
   qkv_bias: bool = True
   ln_eps: float = 1e-5
   dtype: Dtype = jnp.float32
-  refine_iters: int = 0
-  refine_scale: float = 10.0
-  query_residual: bool = True
-  refine_init: str = 'queries'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, group_tokens: jnp.ndarray, train: bool = False,
@@ -159,8 +98,8 @@ class GroupingBlock(nn.Module):
     """x [B, L, C] patch tokens, group_tokens [B, K_in, C].
 
     Returns dict: `x` new group tokens [B, K_out, C], `soft` / `hard` [B, K_out, L], `q` [B, K_out, C]
-    (q_proj of the assignment queries, or the refined centres with refine_iters > 0), `k` [B, L, C] (k_proj
-    of LN_x patches), `assign_query` [B, K_out, C], `assign_key` [B, L, C] (the assignment inputs).
+    (q_proj of the assignment queries), `k` [B, L, C] (k_proj of LN_x patches), `assign_query` [B, K_out, C],
+    `assign_key` [B, L, C] (the assignment inputs).
     `train` turns on Gumbel noise unless `deterministic` (then argmax straight-through, noise-free).
     """
     c = x.shape[-1]
@@ -176,10 +115,8 @@ class GroupingBlock(nn.Module):
       g = ln('norm_post_tokens')(g)
     y = vit.CrossAttnBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.ln_eps, self.dtype,
                            name='pre_assign_attn')(g, x)
-    assign = AssignAttention(self.assignment, self.tau, self.qkv_bias, self.dtype, self.refine_iters,
-                             self.refine_scale, self.refine_init, name='assign')
-    out, soft, hard, q, k = assign(y, x, train, deterministic)
-    if self.query_residual:  # Eq. 6 residual. Without it a group holds only the patches assigned to it:
-      out = out + y          # y attended to every patch, so it carries the whole image (README, issue 6)
+    out, soft, hard, q, k = AssignAttention(self.assignment, self.tau, self.qkv_bias, self.dtype,
+                                            name='assign')(y, x, train, deterministic)
+    out = out + y  # Eq. 6 residual
     out = out + vit.Mlp(int(self.mlp_ratio * c), c, self.dtype, name='mlp_channels')(ln('norm_new_x')(out))
     return dict(x=out, soft=soft, hard=hard, q=q, k=k, assign_query=y, assign_key=x)

@@ -1,4 +1,4 @@
-"""EntityDecoder: the masked-entity-completion block (official notes §1.7, the authors'
+"""EntityDecoder: the masked-entity-completion block (paper Eq. 8; docs/paper_vs_authors.md Q9: the authors'
 `MultimodalGroupingBlock` with one block; their unused AssignAttention is not built).
 
   t = LN_tokens(question tokens)          [B, T, C]

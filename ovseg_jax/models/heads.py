@@ -1,4 +1,4 @@
-"""Projection heads (official notes §1.3): Dense(hidden) -> BatchNorm -> ReLU -> Dense(out).
+"""Projection heads (docs/paper_vs_authors.md Q6): Dense(hidden) -> BatchNorm -> ReLU -> Dense(out).
 
 The authors' `ProjectMLP` is Conv1d(k=1) -> BatchNorm1d -> ReLU -> Conv1d(k=1); for a [B, L, C] input the BN
 statistics run over all B*L positions. Param tree: linear_hidden/{kernel [C, hidden], bias},

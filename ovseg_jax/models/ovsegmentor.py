@@ -1,4 +1,4 @@
-"""OVSegmentor, the top module (DEVELOPERS.md "Interfaces"; official notes §1).
+"""OVSegmentor, the top module (DEVELOPERS.md "Interfaces"; paper Sec. 3.1; docs/paper_vs_authors.md Q1-Q10).
 
 Variables {'params', 'batch_stats'}; rng streams 'dropout' (BERT dropout, drop-path) and 'gumbel'.
 Param tree top level:
@@ -28,7 +28,7 @@ class OVSegmentor(nn.Module):
     c = self.config
     dtype = visual_lib.compute_dtype(c)
     self.img_encoder = visual_lib.VisualEncoder(c)
-    self.text_encoder = bert_lib.BertModel(c.text, dtype=dtype, remat=c.get('remat', 'none'))
+    self.text_encoder = bert_lib.BertModel(c.text, dtype=dtype, remat=c.remat)
     proj = (c.proj.hidden, c.proj.out, c.proj.bn_momentum, c.proj.bn_eps, dtype)
     self.img_projector = heads.ProjectionHead(*proj)
     self.text_projector = heads.ProjectionHead(*proj)

@@ -1,5 +1,6 @@
 """VisualEncoder: patch embed + pos embed, [patches; K_in group tokens] through stage-1 blocks, the binding
-module (K_in -> K_out groups), stage-2 blocks on the K_out groups, final LayerNorm (official notes §1.2).
+module (K_in -> K_out groups), stage-2 blocks on the K_out groups, final LayerNorm (paper Eq. 2;
+docs/paper_vs_authors.md Q2).
 
 Param tree (names are the converters' contract):
   patch_embed/proj/{kernel [p,p,3,C], bias}     pos_embed [L0, C] (L0 = (img_size/p)^2, no cls position)
@@ -16,7 +17,7 @@ from ovseg_jax.models import vit
 
 
 def compute_dtype(model_config) -> jnp.dtype:
-  name = model_config.get('dtype', 'float32')
+  name = model_config.dtype
   if name not in ('float32', 'bfloat16'):
     raise ValueError(f"model.dtype={name!r}: expected 'float32' or 'bfloat16'")
   return jnp.dtype(name)
@@ -40,21 +41,17 @@ class VisualEncoder(nn.Module):
     side = vc.img_size // vc.patch_size
     stochastic = train and not deterministic
     rates = np.linspace(0.0, vc.drop_path_rate, d1 + d2)
-    block_cls = vit.remat(vit.Block, self.config.get('remat', 'none'), static_argnums=(2,))  # (self, x, train)
+    block_cls = vit.remat(vit.Block, self.config.remat, static_argnums=(2,))  # (self, x, train)
     block = lambda i, name: block_cls(vc.num_heads, vc.mlp_ratio, vc.qkv_bias, vc.ln_eps, float(rates[i]),  # noqa: E731
                                       dtype, name=name)
 
-    x, grid = vit.PatchEmbed(vc.patch_size, width, dtype, tuple(vc.get('stem_channels', ())),
+    x, grid = vit.PatchEmbed(vc.patch_size, width, dtype, tuple(vc.stem_channels),
                              name='patch_embed')(images.astype(dtype))
     pos = self.param('pos_embed', vit.INIT, (side * side, width), jnp.float32)
     x = x + vit.resize_pos_embed(pos, grid).astype(dtype)[None]
     b, num_patches = x.shape[0], x.shape[1]
 
-    # Why the std is a knob: from scratch, the attention output added to these tokens in the first block grows
-    # to ~100x their 0.02-std init, and all K_in tokens (so all K_out queries) collapse to one or two
-    # directions (README, issue 6); DINO-initialised patch features do not do that in the authors' setting.
-    token_init = nn.initializers.truncated_normal(bc.get('group_token_std', 0.02))
-    tokens = self.param('group_token', token_init, (bc.num_group_tokens, width), jnp.float32)
+    tokens = self.param('group_token', vit.INIT, (bc.num_group_tokens, width), jnp.float32)
     x = vit.constrain_batch(jnp.concatenate([x, jnp.broadcast_to(tokens.astype(dtype), (b,) + tokens.shape)],
                                             axis=1))
     for i in range(d1):
@@ -63,9 +60,7 @@ class VisualEncoder(nn.Module):
 
     out = binding_lib.GroupingBlock(
         bc.num_output_groups, vc.num_heads, bc.assignment, bc.gumbel_tau, bc.token_mlp_ratio, vc.mlp_ratio,
-        vc.qkv_bias, vc.ln_eps, dtype, refine_iters=int(bc.get('refine_iters', 0)),
-        refine_scale=float(bc.get('refine_scale', 10.0)), query_residual=bool(bc.get('query_residual', True)),
-        refine_init=str(bc.get('refine_init', 'queries')), name='binding')(x, groups, train, deterministic)
+        vc.qkv_bias, vc.ln_eps, dtype, name='binding')(x, groups, train, deterministic)
     g = out.pop('x')
     for j in range(d2):
       g = vit.constrain_batch(block(d1 + j, f'stage2_block{j}')(g, stochastic))

@@ -1,4 +1,4 @@
-"""ViT building blocks of the visual encoder and the entity decoder (official notes §1.2, §1.7).
+"""ViT building blocks of the visual encoder and the entity decoder (docs/paper_vs_authors.md Q2, Q9).
 
 Param names follow the authors' PyTorch modules (`norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`,
 `mlp.fc2`), so the converters are a table of renames plus transposes. Parameters are float32; `dtype` is the
@@ -27,14 +27,12 @@ def layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNor
                       name=name)
 
 
-# Logical name of the batch axis of activations. A sharded step that traces the model under
-# `jax.sharding.set_mesh(mesh)` and `nn.logical_axis_rules(ACTIVATION_RULES)` pins every block's output to
-# batch sharding; without those contexts `constrain_batch` is the identity.
-ACTIVATION_RULES = (('batch', ('data', 'fsdp')),)
-
-
 def constrain_batch(x: jnp.ndarray) -> jnp.ndarray:
-  """x [B, ...] with its leading axis constrained to the logical 'batch' axis (see ACTIVATION_RULES).
+  """x [B, ...] with its leading axis constrained to the logical 'batch' axis.
+
+  The sharded train step (train_step.jit_train_step) traces the model under a mesh and
+  `nn.logical_axis_rules((('batch', batch mesh axes),))`, which pins every block's output to batch
+  sharding; without those contexts this is the identity.
 
   Why: with FSDP the weights are split along a feature axis; without a constraint XLA's sharding
   propagation can carry that feature sharding into the activations and replicate the batch axis
@@ -207,7 +205,7 @@ class PatchEmbed(nn.Module):
   stem_channels: () is the authors' layout. (c1, ..., cn) puts n conv 3x3 / stride 2 + ReLU layers in front
   (an "early convolutions" stem, Xiao et al. 2021), and `proj` becomes a (p / 2^n) x (p / 2^n) conv: same
   grid, same token width. Not in the paper; configs/tiny.py uses it because a from-scratch ViT learns the
-  synthetic textures faster with it (README, issue 6).
+  synthetic textures faster with it (bench/RESULTS.md "End to end").
   """
   patch_size: int
   width: int

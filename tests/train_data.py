@@ -1,4 +1,5 @@
-"""An in-memory training batch source for tests and benchmarks (the trainer itself reads data/pipeline.py).
+"""A fake in-memory training batch source for tests and benchmarks (`train.train(..., make_batches=)`;
+the trainer itself always reads data/pipeline.py). Benchmarks import it as `from tests import train_data`.
 
 Produces the DEVELOPERS.md batch dict (per host, b = global_batch / process_count examples) from seeded random
 images and templated captions, tokenised with the project tokenizer:

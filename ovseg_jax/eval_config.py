@@ -1,0 +1,20 @@
+"""The segmentation settings `config.eval` and their defaults (the authors' mmseg slide inference).
+
+One home for two readers: configs/common.py builds `c.eval` from `defaults()`, and `inference.Segmenter`
+starts from it when it is given no config (a pip-installed package has no configs/ folder). A checkpoint
+written by `export` carries the eval block of its training config in its meta.json, which overrides these.
+This module imports nothing heavy, so config files and launchers stay quick to load.
+"""
+
+import ml_collections
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """A fresh ConfigDict of the eval defaults (callers may change it)."""
+  return ml_collections.ConfigDict(dict(
+      short_side=448, window=448, stride=224, window_batch=4,
+      long_side=2048,                  # mmcv imrescale scale (2048, 448): the long side is capped here
+      templates='simple',              # 'simple' ("a photo of a {}.") | 'imagenet80'
+      bg_threshold=0.95,               # background where max_c logit < min(bg_threshold, max P) (Eq. 1)
+      top_k=5,                         # classes kept by the image-level filter of Eq. 1
+  ))
