@@ -17,7 +17,8 @@ One step, in the authors' call order (docs/paper_vs_authors.md Q7: every project
     entity  = encode_text(cross_entity); group_logits = sg(image_feat @ entity.text_x)      [B, K]
     L_mask  = mask_consistency_loss(online.q, teacher.q, teacher.k, ...)                    (Eq. 10-12)
     L = L_contrast + w_e L_entity + lambda(step) L_mask                                     (Eq. 13)
-then AdamW (optim.py) and ema <- m * ema + (1 - m) * params_new['img_encoder'] (m = 0.99, optax
+then clip + AdamW (optim.py; a parameter the loss does not reach gets no update, as torch skips a parameter
+without .grad) and ema <- m * ema + (1 - m) * params_new['img_encoder'] (m = 0.99, optax
 `incremental_update` with step_size 1 - m). A non-finite loss or gradient norm leaves the state unchanged
 but for `step` (`metrics['finite'] = 0`), so the trainer stops with a good state in memory and on disk.
 
