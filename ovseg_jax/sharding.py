@@ -160,8 +160,9 @@ def per_device_bytes(tree) -> int:
 def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's slice of the batch [b, ...] -> global arrays [b * process_count, ...].
 
-  Every process passes its own disjoint `b = global_batch / process_count` examples; the local devices of
-  the process hold them (`jax.make_array_from_process_local_data`). Single-process: a sharded device_put.
+  Every process passes its own disjoint `b = global_batch / process_count` examples, the global rows
+  `process_batch_rows(mesh, global_batch)` in order; the local devices of the process hold them
+  (`jax.make_array_from_process_local_data`). Single-process: a sharded device_put.
   """
   sharding = batch_sharding(mesh)
   n = jax.process_count()
@@ -170,6 +171,17 @@ def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, 
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * n,) + x.shape[1:])
   return {k: one(v) for k, v in batch.items()}
+
+
+def process_batch_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+  """The rows of a [global_batch, ...] batch that this process's devices hold, ascending: the rows its host
+  batch must contain, in this order, for `host_batch_to_global` to assemble the same global batch on any
+  number of processes (data/pipeline.py `host_rows`). Contiguous unless the mesh interleaves processes."""
+  index = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  rows = set()
+  for idx in index.values():
+    rows.update(range(*idx[0].indices(global_batch)))
+  return np.asarray(sorted(rows), np.int64)
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:

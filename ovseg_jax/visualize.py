@@ -6,7 +6,8 @@ r"""Pictures of what the model learned: input | group map | prediction | ground 
 The group map colours each pixel by its argmax group of the soft pixel->group assignment (the binding
 module's Eq. 4 map, upsampled bilinearly as in inference), computed on the whole image at the eval short side.
 The prediction is `Segmenter.segment` (Eq. 1, sliding windows, background by threshold); the ground truth is
-the dataset's label PNG (255 = ignore, drawn white).
+the dataset's label PNG (255 = ignore, drawn white). An image that cannot be read (ovseg_jax/images.py: damaged,
+over the pixel budget) is skipped with one line.
 """
 
 import os
@@ -20,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ovseg_jax import cli
 from ovseg_jax import eval_datasets
+from ovseg_jax import images
 from ovseg_jax import inference
 from ovseg_jax import resize as resize_lib
 from ovseg_jax import segment as segment_cli
@@ -94,7 +96,11 @@ def run(checkpoint_dir: str, data_dir: str, output: str, num_images: int, datase
   os.makedirs(output, exist_ok=True)
   paths = []
   for sample in data.samples:
-    image = eval_datasets.read_image(sample.image_path)
+    try:
+      image = eval_datasets.read_image(sample.image_path)
+    except images.ImageError as e:  # unreadable / over the pixel budget: one line, and the next picture
+      print(f'skipped {e}', file=sys.stderr)
+      continue
     gt = eval_datasets.read_label_png(sample.label_path)
     pred, _ = segmenter.segment(image, fg, background=True, background_threshold=data.bg_threshold)
     caption = ''

@@ -20,7 +20,8 @@ from ovseg_jax.data import entities
 from ovseg_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EVAL_KEYS = 'bg_threshold, long_side, short_side, stride, templates, top_k, window, window_batch'
+EVAL_KEYS = ('bg_threshold, long_side, pamr, pamr_dilations, pamr_downsample, pamr_iterations, short_side, '
+             'stride, templates, top_k, window, window_batch')
 
 
 def _eval_argv(*extra):
@@ -57,7 +58,7 @@ def test_missing_required_flag(capsys):
 def test_bad_enum_and_bad_number(capsys):
   assert evaluate.main(['--predictions', 'p', '--dataset', 'vocc', '--data_dir', 'd', '--output', 'o']) == 2
   assert _one_error_line(capsys) == ('error: flag --dataset=vocc: value should be one of '
-                                     '<voc|context|coco_object|folder>')
+                                     '<voc|voc20|context|context59|coco_object|coco_stuff|cityscapes|ade20k|folder>')
   assert export.main(['--format', 'onnx', '--workdir', 'w', '--dst', 'd']) == 2
   assert 'value should be one of <inference|official>' in _one_error_line(capsys)
   assert visualize.main(['--checkpoint', 'c', '--data_dir', 'd', '--output', 'o', '--num_images', 'six']) == 2
@@ -112,8 +113,9 @@ def test_absl_reads_both_value_forms_and_bool_negation():
 # ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('main, argv, listed', [
-    (evaluate.main, ['--help'], ['--checkpoint=VALUE', '--dataset=voc|context|coco_object|folder',
-                                 '--eval.KEY=VALUE', 'short_side=448']),
+    (evaluate.main, ['--help'], ['--checkpoint=VALUE', '--eval.KEY=VALUE', 'short_side=448', '--suite=VALUE',
+                                 '--dataset=voc|voc20|context|context59|coco_object|coco_stuff|cityscapes|'
+                                 'ade20k|folder']),
     (segment.main, ['-h'], ['--image=VALUE', '--[no]no_background', '--eval.KEY=VALUE']),
     (visualize.main, ['--help'], ['--num_images=INT', '(default: 6)', '--eval.KEY=VALUE']),
     (export.main, ['--help'], ['--format=inference|official', '--step=INT']),

@@ -1,25 +1,28 @@
-"""Multi-host equivalence: 2 processes x 4 fake CPU devices train like 1 process x 8 devices.
+"""Multi-host equivalence: 2 processes x 4 fake CPU devices train like 1 process x 8 devices, and a run saved
+on 2 processes resumes on 1.
 
-Both runs train a shrunken configs/tiny.py for 3 steps with all three losses in the gradient (mask loss from
+The runs train a shrunken configs/tiny.py for 3 steps with all three losses in the gradient (mask loss from
 step 1: EMA teacher, on-device matching), on the same synthetic tfds dataset, through the real input pipeline
 and `ovseg_jax.train`:
   * reference: one process, 8 devices, no jax.distributed;
-  * multi-host: launch/local_multihost.sh 2 4 (coordinator on 127.0.0.1, jax.distributed.initialize()).
-The pipeline gives host h the stream positions h, h+2, h+4, ... so the two hosts' slices are disjoint and
-together hold exactly the single host's global batch, in another order. Every loss is a mean over the global
-batch (BN statistics too), so the two runs compute the same numbers up to float32 summation order: the
-per-device partial sums hold other examples. Gumbel noise is off (train.deterministic) since it is drawn per
-batch position.
+  * multi-host: launch/local_multihost.sh 2 4 (coordinator on 127.0.0.1, jax.distributed.initialize());
+  * resumed: the multi-host run's step-2 checkpoint continued by launch/local_multihost.sh 1 8 (one process).
+The pipeline gives host h rows h*b .. h*b + b-1 of global batch s, with the augmentation of their global
+stream positions, so the two hosts' slices, concatenated, are the single host's global batch bit for bit,
+and the iterator state (the stream position) is the same on every host count. Every device then holds the
+same examples in both runs, and the runs compute the same numbers up to float32 summation order across the
+two processes. Gumbel noise is off (train.deterministic) to keep the comparison to the data stream.
 
-Tolerances (relative): step 1 (the same parameters, forward only) 1e-4; steps 2 and 3 (after 1 and 2 AdamW
-updates, which amplify the summation-order noise through the second-moment normalisation) 2e-3. Measured: at
-most 1.2e-6 at step 1 and 1.2e-4 at steps 2-3. One update at lr 1e-3 moves the loss by ~10% here, so a lost or
-doubled gradient contribution of one host is far outside.
+Tolerances (relative): step 1 (the same parameters, forward only) 1e-5; steps 2 and 3 (after 1 and 2 AdamW
+updates, which amplify the summation-order noise through the second-moment normalisation) 2e-3. One update at
+lr 1e-3 moves the loss by ~10% here, so a lost or doubled gradient contribution of one host, or another
+batch, is far outside.
 """
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -38,10 +41,10 @@ SMALL = {  # tiny.py shrunk further so that one compile takes seconds on 2 share
     'model.text.intermediate': '64', 'model.text.max_length': '16', 'model.proj.hidden': '64',
     'model.proj.out': '32', 'model.decoder.num_heads': '2', 'data.image_size': '32',
     'train.global_batch_size': str(GLOBAL_BATCH), 'train.deterministic': 'True',
-    'train.peak_tflops_per_device': '1.0', 'train.checkpoint_every_steps': '1000',
+    'train.peak_tflops_per_device': '1.0', 'train.checkpoint_every_steps': '2',
     'loss.mask_start_fraction': '0.0',  # lambda = 0.1 from step 1: the mask loss's gradient is in the test too
 }
-RTOL_FIRST, RTOL_LATER = 1e-4, 2e-3
+RTOL_FIRST, RTOL_LATER = 1e-5, 2e-3
 
 
 def _env(devices: int) -> dict:
@@ -71,9 +74,25 @@ def data_dir(tmp_path_factory):
   return str(out)
 
 
+def _data_state(workdir: str, step: int) -> dict:
+  """The input-pipeline state saved in checkpoint `step` (Orbax writes it as one JSON file)."""
+  folder = os.path.join(workdir, 'checkpoints', str(step), 'data_iter')
+  files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
+  for path in files:
+    try:
+      with open(path) as f:
+        state = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+      continue
+    if isinstance(state, dict) and 'position' in state:
+      return state
+  raise AssertionError(f'no input state in {files}')
+
+
 @pytest.fixture(scope='module')
 def runs(data_dir, tmp_path_factory):
-  """Starts both runs at once (they share the 2 cores) and returns (reference, multi-host) outputs."""
+  """Starts the reference and multi-host runs at once (they share the 2 cores), then resumes the multi-host
+  run's step-2 checkpoint on one process; returns their folders and outputs."""
   root = tmp_path_factory.mktemp('runs')
   overrides = [f'--config.{k}={v}' for k, v in {**SMALL, 'data.data_dir': data_dir}.items()]
   ref_dir, mh_dir = str(root / 'one_process'), str(root / 'two_processes')
@@ -90,7 +109,21 @@ def runs(data_dir, tmp_path_factory):
   assert ref.returncode == 0, ref_out[-3000:]
   assert mh.returncode == 0, mh_out[-3000:]
   logs = [open(os.path.join(mh_dir, 'logs', f'process_{i}.log')).read() for i in range(2)]
-  return dict(ref_dir=ref_dir, ref_out=ref_out, mh_dir=mh_dir, mh_out=mh_out, mh_logs=logs)
+  # The 2-process run as preempted after step 2: its step-2 checkpoint and metrics, resumed on 1 process.
+  resumed_dir = str(root / 'resumed_on_one_process')
+  shutil.copytree(mh_dir, resumed_dir, ignore=shutil.ignore_patterns('logs', 'tb'))
+  shutil.rmtree(os.path.join(resumed_dir, 'checkpoints', str(STEPS)))
+  kept = [r for r in _metrics(mh_dir).values() if r['step'] < STEPS]
+  with open(os.path.join(resumed_dir, 'metrics.jsonl'), 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in kept)
+  resumed = subprocess.run(
+      ['bash', 'launch/local_multihost.sh', f'--workdir={resumed_dir}', '--resume', f'--steps={STEPS}',
+       '--timeout=600', f'--python={sys.executable}', '1', '8', *overrides],
+      cwd=ROOT, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+  assert resumed.returncode == 0, resumed.stdout[-3000:]
+  resumed_log = open(os.path.join(resumed_dir, 'logs', 'process_0.log')).read()
+  return dict(ref_dir=ref_dir, ref_out=ref_out, mh_dir=mh_dir, mh_out=mh_out, mh_logs=logs,
+              resumed_dir=resumed_dir, resumed_log=resumed_log)
 
 
 def test_two_processes_ran_as_one_job(runs):
@@ -117,9 +150,25 @@ def test_same_losses_as_one_process(runs):
   assert abs(ref[STEPS]['loss'] - ref[1]['loss']) > 20 * RTOL_LATER * ref[1]['loss']
 
 
-def test_each_process_reads_a_disjoint_slice(data_dir):
-  """The trainer's input (pipeline.make_train_iterator with its process index): disjoint per-host slices
-  whose union is the single host's global batch, batch after batch."""
+def test_resume_from_two_processes_on_one_continues_the_stream(runs):
+  """The step-2 checkpoint of the 2-process run, resumed on 1 process, trains step 3 on the same global
+  batch as both straight runs: the same loss, and the same input state at step 3."""
+  assert re.search(r'resumed from .* at step 2', runs['resumed_log']), runs['resumed_log'][-3000:]
+  report = _final(runs['resumed_log'])
+  assert (report['process_count'], report['devices'], report['step']) == (1, 8, STEPS)
+  ref, mh, resumed = _metrics(runs['ref_dir']), _metrics(runs['mh_dir']), _metrics(runs['resumed_dir'])
+  for key in ('loss', 'loss_contrast', 'loss_entity', 'loss_mask'):
+    np.testing.assert_allclose(resumed[STEPS][key], ref[STEPS][key], rtol=RTOL_LATER, err_msg=key)
+    np.testing.assert_allclose(resumed[STEPS][key], mh[STEPS][key], rtol=RTOL_LATER, err_msg=key)
+  # the input state holds no host count: the same in all three runs (3 global batches read)
+  states = [_data_state(runs[d], STEPS) for d in ('ref_dir', 'mh_dir', 'resumed_dir')]
+  assert [s['position'] for s in states] == [STEPS * GLOBAL_BATCH] * 3
+  assert states[0]['fingerprint'] == states[1]['fingerprint'] == states[2]['fingerprint']
+
+
+def test_each_process_reads_its_rows_of_the_global_batch(data_dir):
+  """The trainer's input (pipeline.make_train_iterator with its process index): host h's batch is rows
+  h*b .. h*b + b-1 of the single host's global batch, batch after batch, images and token ids bit for bit."""
   from ovseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = tiny.get_config(f'steps={STEPS}')
   with config.unlocked():
@@ -128,19 +177,18 @@ def test_each_process_reads_a_disjoint_slice(data_dir):
     config.data.image_size = 32
     config.model.text.max_length = 16
 
-  def ids(process_index, process_count):
+  def batches(process_index, process_count):
     it = pipeline.make_train_iterator(config, process_index=process_index, process_count=process_count,
                                       with_ids=True)
     try:
-      return [next(it)['example_id'].tolist() for _ in range(STEPS)]
+      return [next(it) for _ in range(STEPS)]
     finally:
-      if hasattr(it, 'close'):
-        it.close()
+      it.close()
 
-  one = ids(0, 1)
-  two = [ids(0, 2), ids(1, 2)]
+  one = batches(0, 1)
+  two = [batches(0, 2), batches(1, 2)]
   for step in range(STEPS):
     a, b = two[0][step], two[1][step]
-    assert len(a) == len(b) == GLOBAL_BATCH // 2
-    assert not set(a) & set(b), f'batch {step}: both hosts read {sorted(set(a) & set(b))}'
-    assert sorted(a + b) == sorted(one[step])
+    assert len(a['example_id']) == len(b['example_id']) == GLOBAL_BATCH // 2
+    for key in one[step]:
+      assert np.array_equal(np.concatenate([a[key], b[key]]), one[step][key]), f'batch {step}: {key}'

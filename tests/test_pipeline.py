@@ -1,10 +1,12 @@
 """Training input pipeline (data/pipeline.py) on a tiny synthetic tfds dataset: determinism, exact resume,
-per-epoch reshuffle, per-host coverage, cross-image partners, corrupt-record skipping, worker processes."""
+per-epoch reshuffle, per-host coverage, the same global batch and state for any host and worker count,
+cross-image partners, corrupt-record replacement, worker processes."""
 
 import io
 import json
 import os
 
+import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -168,17 +170,37 @@ def _write_dataset_with_corrupt_records(root):
   return n
 
 
-def test_corrupt_records_are_skipped_and_counted(tmp_path):
+def test_corrupt_records_are_replaced_and_counted(tmp_path):
   n = _write_dataset_with_corrupt_records(str(tmp_path))
   c = _config(str(tmp_path))
   c.unlock()
-  c.train.global_batch_size = 4
+  c.train.global_batch_size = 2
   c.lock()
   it = pipeline.make_train_iterator(c, process_index=0, process_count=1, with_ids=True)
-  ids = np.concatenate([b['example_id'] for b in _take(it, 6)])   # 24 examples: 2 epochs minus the bad ones
-  assert it.counters['skipped_records'] == 4                       # 2 bad records x 2 epochs
-  assert 5 not in ids and 9 not in ids
-  assert sorted(ids[:12]) == [i for i in range(n) if i not in (5, 9)]
+  batches = _take(it, n)                                            # 2 epochs of n = 14 stream positions
+  ids = np.concatenate([b['example_id'] for b in batches])
+  images = np.concatenate([b['image'] for b in batches])
+  # the documented stream order (grain shuffle before repeat); a bad record at position g is replaced by the
+  # example of position g + 1 (g + 2, ... while those are bad too)
+  order = grain.MapDataset.range(n).shuffle(seed=0).repeat(None)
+  expected, failed = [], 0
+  for g in range(2 * n):
+    t = 0
+    while order[g + t] in (5, 9):
+      t += 1
+    expected.append(order[g + t])
+    failed += t
+  assert ids.tolist() == expected
+  assert it.counters['skipped_records'] == failed >= 4              # 2 bad records x 2 epochs, at least
+  good = {i for i in range(n) if i not in (5, 9)}
+  assert set(ids[:n]) == set(ids[n:]) == good                       # every good record keeps its own slot
+  for g in range(2 * n - 1):                                        # a replacement has draws of its own
+    if order[g] in (5, 9) and ids[g] == ids[g + 1]:
+      assert not np.array_equal(images[g], images[g + 1])
+  # the replacement is a function of the stream position: the same on 2 hosts
+  halves = [np.concatenate([b['example_id'] for b in _take(
+      pipeline.make_train_iterator(c, process_index=h, process_count=2, with_ids=True), n)]) for h in (0, 1)]
+  assert np.array_equal(np.stack(halves, 1).reshape(-1), ids)
 
 
 def test_deit_recipe_and_stage2_recipe_differ(data_dir):
@@ -202,6 +224,9 @@ def test_augment_primitives():
   im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8))
   out = augment.rand_augment(im, rng)
   assert out.size == (40, 40) and out.mode == 'RGB'
+  # magnitude 10 posterizes to 0 bits: a black image (timm's Pillow), not an error that drops the record
+  assert np.asarray(augment._OPS['PosterizeIncreasing'](im, 10.0, rng)).max() == 0   # pylint: disable=protected-access
+  assert np.asarray(augment._OPS['PosterizeIncreasing'](im, 9.0, rng)).max() > 0     # pylint: disable=protected-access
   # channel shuffle: each output channel is one input channel, and all six orders occur
   arr = np.asarray(im)
   orders = set()
@@ -223,20 +248,85 @@ def test_channel_shuffle_option_changes_only_the_colours(data_dir):
   assert not np.allclose(plain['image'], shuffled['image'])
 
 
+def _global_batches(c, process_count, steps, **kwargs):
+  """The hosts' batches of `steps` steps concatenated by row (what the trainer's global array holds)."""
+  hosts = [_take(pipeline.make_train_iterator(c, process_index=h, process_count=process_count, with_ids=True,
+                                              **kwargs), steps) for h in range(process_count)]
+  return [{k: np.concatenate([hosts[h][s][k] for h in range(process_count)]) for k in hosts[0][s]}
+          for s in range(steps)]
+
+
+def test_global_batch_is_the_same_for_any_host_count(data_dir):
+  """Host h holds rows h*b .. h*b + b-1 of global batch s, with the same augmentation draws, bit for bit."""
+  c = _config(data_dir, deit_aug=True)                              # every random draw: RandAugment, erasing
+  steps = N // 8 + 2                                                # across an epoch boundary
+  one = _global_batches(c, 1, steps)
+  for hosts in (2, 4, 8):
+    many = _global_batches(c, hosts, steps)
+    for s in range(steps):
+      assert _same(one[s], many[s]), (hosts, s)
+  # any rows a mesh gives a process (here interleaved) are the same rows of the same global batch
+  rows = [[0, 1, 4, 5], [2, 3, 6, 7]]
+  parts = [_take(pipeline.make_train_iterator(c, process_index=h, process_count=2, host_rows=rows[h],
+                                              with_ids=True), 2) for h in (0, 1)]
+  for s in range(2):
+    for k in one[s]:
+      assert np.array_equal(parts[0][s][k], one[s][k][rows[0]])
+      assert np.array_equal(parts[1][s][k], one[s][k][rows[1]])
+  with pytest.raises(ValueError, match='ascending rows'):
+    pipeline.make_train_iterator(c, process_index=0, process_count=2, host_rows=[1, 0, 4, 5])
+
+
+def test_state_resumes_on_another_host_count(data_dir):
+  c = _config(data_dir)
+  one = _global_batches(c, 1, 5)
+  two = [pipeline.make_train_iterator(c, process_index=h, process_count=2, with_ids=True) for h in (0, 1)]
+  for it in two:
+    _take(it, 3)
+  states = [json.loads(json.dumps(it.get_state())) for it in two]   # what a checkpoint stores
+  assert states[0] == states[1] and states[0]['position'] == 3 * 8  # no host in it
+  resumed = _take(pipeline.make_train_iterator(c, process_index=0, process_count=1, with_ids=True,
+                                               start_state=states[0]), 2)
+  assert _same(resumed[0], one[3]) and _same(resumed[1], one[4])   # 2 hosts -> 1 host
+  single = pipeline.make_train_iterator(c, process_index=0, process_count=1, with_ids=True)
+  _take(single, 1)
+  four = _global_batches(c, 4, 2, start_state=single.get_state())   # 1 host -> 4 hosts
+  assert _same(four[0], one[1]) and _same(four[1], one[2])
+
+
+def test_state_of_an_earlier_version_resumes_and_garbage_is_refused(data_dir):
+  c = _config(data_dir)
+  one = _global_batches(c, 1, 3)
+  it = pipeline.make_train_iterator(c, process_index=0, process_count=1)
+  fp = dict(it.get_state()['fingerprint'], process_index=1, process_count=2, per_host_batch=4, num_workers=0)
+  old = {'grain': {'next_index': 0}, 'counters': {'batches': 2, 'skipped_records': 0}, 'fingerprint': fp}
+  got = next(pipeline.make_train_iterator(c, process_index=0, process_count=1, with_ids=True, start_state=old))
+  assert _same(got, one[2])                                         # 2 global batches consumed
+  for bad, match in (({'fingerprint': dict(fp), 'version': 7, 'position': 0}, 'version 7'),
+                     ({'fingerprint': dict(fp), 'version': 2, 'position': -8}, 'stream position'),
+                     ({'version': 2}, 'not an input-pipeline state')):
+    with pytest.raises(ValueError, match=match):
+      pipeline.make_train_iterator(c, process_index=0, process_count=1, start_state=bad)
+
+
 def test_worker_processes_match_in_process(data_dir):
-  c0 = _config(data_dir)
-  expected = _take(pipeline.make_train_iterator(c0, process_index=0, process_count=1), 3)
-  c1 = _config(data_dir, num_workers=1)
-  it = pipeline.make_train_iterator(c1, process_index=0, process_count=1)
+  """Worker processes build whole host batches: the stream does not depend on the worker count."""
+  one = _global_batches(_config(data_dir), 1, 4)
+  host0 = _take(pipeline.make_train_iterator(_config(data_dir), process_index=0, process_count=2,
+                                             with_ids=True), 3)
+  it = pipeline.make_train_iterator(_config(data_dir, num_workers=2), process_index=1, process_count=2,
+                                    with_ids=True)
   try:
-    got = _take(it, 2)
+    host1 = [{k: np.array(v) for k, v in b.items()} for b in _take(it, 3)]   # copies: no shared memory kept
     state = it.get_state()
-    assert all(_same(x, y) for x, y in zip(expected[:2], got))
   finally:
     it.close()
-  resumed = pipeline.make_train_iterator(c1, process_index=0, process_count=1, start_state=state)
+  for s in range(3):
+    assert _same({k: np.concatenate([host0[s][k], host1[s][k]]) for k in one[s]}, one[s]), s
+  resumed = pipeline.make_train_iterator(_config(data_dir, num_workers=2), process_index=0, process_count=1,
+                                         with_ids=True, start_state=state)
   try:
-    assert _same(next(resumed), expected[2])
+    assert _same({k: np.array(v) for k, v in next(resumed).items()}, one[3])
   finally:
     resumed.close()
 

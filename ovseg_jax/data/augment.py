@@ -4,18 +4,20 @@ Stage 2 (docs/paper_vs_authors.md Q20): RandomResizedCrop(size, scale=(0.4, 1)) 
 normalisation. Stage 1 (`deit_aug`, same row, timm 0.6.12 `create_transform`): RandomResizedCrop(size,
 scale=(0.08, 1)) + flip + RandAugment 'rand-m9-mstd0.5-inc1' + normalisation + RandomErasing(p=0.25,
 mode='pixel', count 1). Every draw comes from the generator passed in, so a record's augmentation is a pure
-function of (record, seed, stream position): resumable and identical across worker counts.
+function of (record, seed, global stream position) (data/pipeline.py `example_rng`): resumable and identical
+across host and worker counts.
 
 JPEG decoding uses libjpeg's DCT-domain downscaling (`Image.draft`) when the crop is at least twice the
 output size, which makes decode + crop ~3x cheaper at 224 px from 512 px sources; the crop box is mapped
 into the reduced image, so the crop geometry is unchanged.
 """
 
-import io
 import math
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+
+from ovseg_jax import images
 
 IMAGENET_MEAN = np.asarray([123.675, 116.28, 103.53], np.float32)
 IMAGENET_STD = np.asarray([58.395, 57.12, 57.375], np.float32)
@@ -48,14 +50,13 @@ def rrc_params(rng: np.random.Generator, width: int, height: int, scale=(0.08, 1
 
 def decode_crop_resize(data: bytes, rng: np.random.Generator, size: int, scale, flip: bool = True):
   """JPEG/PNG bytes -> RGB PIL image [size, size] after RandomResizedCrop (+ flip with p=0.5)."""
-  im = Image.open(io.BytesIO(data))
+  im = images.open_image(data)  # header only: the pixel budget is checked before any decoding
   width, height = im.size
   left, top, w, h = rrc_params(rng, width, height, scale)
   if im.format == 'JPEG' and min(w, h) >= 2 * size:
     k = size / min(w, h)  # libjpeg only reduces by 1/2, 1/4, 1/8 while the crop stays >= size
     im.draft('RGB', (math.ceil(width * k), math.ceil(height * k)))
-  if im.mode != 'RGB':
-    im = im.convert('RGB')
+  im = images.to_rgb(im)  # decode; 16-bit / float / palette / CMYK -> 8-bit RGB (images.py)
   sx, sy = im.size[0] / width, im.size[1] / height
   box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
   im = im.resize((size, size), Image.BILINEAR, box=box)
@@ -94,7 +95,13 @@ def _solarize_add(im, add, thresh=128):
 
 
 def _posterize(im, bits):
-  return im if bits >= 8 else ImageOps.posterize(im, max(bits, 0))
+  """Keep the top `bits` bits of each channel. 0 bits (magnitude 10) is a black image, as Pillow gave before
+  it refused bits < 1 (timm 0.6.12's environment); refused, it would drop the record as unreadable."""
+  if bits >= 8:
+    return im
+  if bits <= 0:
+    return im.point([0] * 256 * len(im.getbands()))
+  return ImageOps.posterize(im, bits)
 
 
 _OPS = {  # timm `_RAND_INCREASING_TRANSFORMS`: (img, magnitude in [0, 10], rng) -> img

@@ -4,15 +4,20 @@
   batch = next(it)                                       # dict of numpy arrays (DEVELOPERS.md)
   state = it.get_state(); ...; it2 = make_train_iterator(config, start_state=state)   # exact resume
 
-Order of the example stream (all of it deterministic in config.data.shuffle_seed):
-  global stream position g = epoch * N + i  ->  example perm_epoch(i)   (grain `shuffle` after `repeat`: a
+The stream is a function of the data config alone (config.data.shuffle_seed), not of the host or worker
+counts:
+  global stream position g = epoch * N + i  ->  example perm_epoch(i)   (grain `shuffle` before `repeat`: a
   fresh global permutation every epoch; the authors never called `set_epoch`, docs/paper_vs_authors.md Q22)
-  -> augmentation rng = f(seed, g)  ->  host h takes positions g = h, h + P, h + 2P, ...  (P hosts)
-  -> grain worker processes (config.data.num_workers, 0 = in-process) -> batches of global_batch / P.
-So the P hosts together read every example exactly once per epoch, and an example's augmentation does not
-depend on the host or worker count. With W > 0 workers, worker w batches the host positions w, w + W, ...
-and the batches are interleaved round-robin, so batch composition depends on W (a saved state records W and
-refuses another value). Workers are spawned processes: the entry script needs `if __name__ == '__main__':`.
+  -> every random draw of that example (crop, flip, RandAugment, erasing, channel order, cross-image partner
+  and its augmentation, answer template) from one generator keyed by (seed, g) (`example_rng`)
+  -> global batch s = positions s*B .. s*B + B-1 in this order (B = train.global_batch_size)
+  -> host h assembles rows h*b .. h*b + b-1 of it (b = B / P for P hosts; the trainer passes the rows its
+  devices hold, `host_rows`) -> grain worker processes (config.data.num_workers, 0 = in-process) each
+  assemble whole host batches: worker w builds batches w, w + W, ..., read back in batch order.
+So the P hosts' batches, concatenated by row, are the one-host batch bit for bit for any P and W, and the
+iterator state is one number, the stream position reached: a run saved on N hosts resumes on M hosts (and
+with another worker count) and continues the same stream. Workers are spawned processes: the entry script
+needs `if __name__ == '__main__':`.
 
 Per example (paper Sec. 3.1.2; docs/paper_vs_authors.md Q23, Q24): the augmented image; the caption; the masked
 caption g(T) (every entity -> [MASK]); the prompted entity sentence h(E) (random ImageNet template prefix
@@ -22,9 +27,11 @@ example itself, as in the official pair construction), augmented with its own dr
 'A photo of {e}'. Entity mode 'fixed' pairs and prompts by canonical entity; 'official' by the raw surface
 word and uses the authors' masking quirks.
 
-A record that fails to read, decode or augment is skipped and counted (`it.counters['skipped_records']`);
-the batch is filled with the next records, so shapes never change and a run never stops on bad data. (Only
-when more than half of a process's records fail, which is a broken dataset or a bug, does it raise.)
+A record that fails to read, decode or augment is replaced and counted (`it.counters['skipped_records']`,
+this host's count): position g then takes the example of position g + 1 (then g + 2, ...) with draws of its
+own (attempt t: key (seed, g, t)), so shapes never change, a run never stops on bad data, and the
+replacement is the same on every host count. (Only when more than half of a process's records fail, which
+is a broken dataset or a bug, does it raise.)
 
 Batch (per host, b = global_batch / process_count, T = config.model.text.max_length, S = image_size):
   image [b,S,S,3] f32, text_ids / text_mask [b,T] i32, question_ids / question_mask [b,T] i32,
@@ -45,8 +52,11 @@ from ovseg_jax.data import tfds_builder
 
 _MAX_LOGGED_ERRORS = 20
 _PARTNER_TRIES = 3
+# Stream positions tried for one batch slot before giving up (each failure is also counted by the transform).
+_MAX_REPLACEMENTS = 16
 # More bad records than this share (after _MIN_CALLS_FOR_RATIO) is a broken dataset or a bug, not bad data.
 _MAX_BAD_RATIO, _MIN_CALLS_FOR_RATIO = 0.5, 64
+STATE_VERSION = 2
 
 
 def dataset_path(config) -> str:
@@ -159,46 +169,121 @@ class ExampleTransform:
       logging.warning('skipping unreadable record %s of %s: %s: %s', idx, self.path, type(e).__name__, e)
 
 
-class _SkipBad(grain.IterDataset):
-  """Drops the records the transform marked bad; the count rides on the next good element."""
+def stream_key(seed: int) -> np.ndarray:
+  """The Philox key of the augmentation draws of shuffle seed `seed` (the key grain's `random_map(seed=seed
+  + 1)` uses, so the one-host stream is the one earlier versions produced)."""
+  return np.random.Philox(int(seed) + 1).state['state']['key']
+
+
+def example_rng(key: np.ndarray, position: int, attempt: int = 0) -> np.random.Generator:
+  """The generator of every random draw of global stream position `position` (attempt t > 0: the t-th
+  replacement of a bad record): Philox(key) at counter (0, 0, attempt, position). A pure function of the
+  seed and the global position, never of a host, worker or thread."""
+  return np.random.Generator(np.random.Philox(key=key, counter=np.array([0, 0, attempt, position], np.uint64)))
+
+
+class _HostElements(grain.MapDataset):
+  """This host's examples in order: element j = row `rows[j % b]` of host batch `j // b`.
+
+  Host batch k is global batch `batch_start + k * batch_step` (a worker's share of the batches: see
+  `worker_share`), which holds the global stream positions `start + s * global_batch + row`. The parent is
+  the example order (stream position -> example index); each element carries `_skipped`, the number of bad
+  records replaced to fill it.
+  """
+
+  def __init__(self, order: grain.MapDataset, transform: ExampleTransform, *, key: np.ndarray, start: int,
+               global_batch: int, rows, batch_start: int = 0, batch_step: int = 1):
+    super().__init__(order)
+    self._transform, self._key = transform, key
+    self._start, self._global_batch = int(start), int(global_batch)
+    self._rows = np.asarray(rows, np.int64)
+    self._batch_start, self._batch_step = int(batch_start), int(batch_step)
+
+  def worker_share(self, worker: int, workers: int) -> '_HostElements':
+    """The elements of host batches worker, worker + workers, ... of this dataset (whole batches)."""
+    return _HostElements(self._parent, self._transform, key=self._key, start=self._start,
+                         global_batch=self._global_batch, rows=self._rows,
+                         batch_start=self._batch_start + worker * self._batch_step,
+                         batch_step=self._batch_step * workers)
+
+  def __len__(self) -> int:
+    return len(self._parent)  # the order repeats forever (sys.maxsize)
+
+  def __str__(self) -> str:
+    return (f'_HostElements(start={self._start}, global_batch={self._global_batch}, rows={len(self._rows)}, '
+            f'batches={self._batch_start}::{self._batch_step})')
+
+  def position(self, index: int) -> int:
+    """Global stream position of element `index`."""
+    k, r = divmod(int(index), len(self._rows))
+    step = self._batch_start + k * self._batch_step
+    return self._start + step * self._global_batch + int(self._rows[r])
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    g = self.position(index)
+    for attempt in range(_MAX_REPLACEMENTS):
+      out = self._transform(self._parent[g + attempt], example_rng(self._key, g, attempt))
+      if '_bad' not in out:
+        out['_skipped'] = np.int32(attempt)
+        return out
+    raise RuntimeError(f'{_MAX_REPLACEMENTS} consecutive records from stream position {g} of '
+                       f'{self._transform.path} failed to read (see the warnings above)')
+
+
+class _WholeBatchesPerWorker(grain.IterDataset):
+  """`elements.to_iter_dataset(read_options)` whose grain-worker slice is whole host batches.
+
+  grain's `mp_prefetch` gives worker w the elements w, w + W, ... of the dataset it prefetches, which would
+  put other examples in each batch for every worker count W. This node takes the slice instead (`set_slice`,
+  in the worker process) and reads the batches w, w + W, ...: the workers' batches, read round-robin, are the
+  in-process batches in order.
+  """
+
+  def __init__(self, elements: _HostElements, read_options: grain.ReadOptions):
+    super().__init__(elements.to_iter_dataset(read_options))
+    self._elements, self._read_options = elements, read_options
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    del sequential_slice
+    workers = sl.step or 1
+    if sl.stop is not None or not 0 <= (sl.start or 0) < workers:
+      raise ValueError(f'unexpected grain worker slice {sl}')
+    self._elements = self._elements.worker_share(sl.start or 0, workers)
+    self._parents = (self._elements.to_iter_dataset(self._read_options),)
 
   def __iter__(self):
-    return _SkipBadIterator(self._parent.__iter__())
+    return self._parents[0].__iter__()
+
+  def __str__(self) -> str:
+    return f'_WholeBatchesPerWorker({self._elements})'
 
 
-class _SkipBadIterator(grain.DatasetIterator):
-
-  def __next__(self):
-    skipped = 0
-    while True:
-      x = next(self._parent)
-      if '_bad' in x:
-        skipped += 1
-        continue
-      x['_skipped'] = np.int32(skipped)
-      return x
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
+def _data_fingerprint(fp: dict) -> dict:
+  """What a state must match to be resumed: the same examples in the same order. Not the path (a resume may
+  read the data from where it moved, checkpoint.RESUME_MAY_CHANGE), nor host or worker counts."""
+  return {k: fp.get(k) for k in ('split', 'num_examples', 'seed')}
 
 
 class TrainIterator:
   """Infinite iterator of per-host batches with `get_state()` / `set_state()` (JSON-serialisable dicts).
 
+  The state is the global stream position reached (`position` = global batches consumed x global batch),
+  the same on every host, so it may be restored with any host or worker count.
   Attributes: num_examples (N, one epoch), per_host_batch, steps_per_epoch (N // global_batch),
-  counters ({'batches', 'skipped_records'}).
+  counters ({'batches': batches read, 'skipped_records': bad records replaced on this host}).
   """
 
-  def __init__(self, dataset, *, num_examples: int, per_host_batch: int, global_batch: int,
+  def __init__(self, make_dataset, *, num_examples: int, per_host_batch: int, global_batch: int,
                fingerprint: dict):
-    self._dataset = dataset
-    self._it = iter(dataset)
+    self._make_dataset = make_dataset   # start position -> grain IterDataset of host batches
+    self._it = None                     # built on the first `next` (workers start then)
     self.num_examples = num_examples
     self.per_host_batch = per_host_batch
+    self.global_batch = global_batch
     self.steps_per_epoch = num_examples // global_batch
+    self.position = 0
     self.counters = {'batches': 0, 'skipped_records': 0}
     self._fingerprint = fingerprint
 
@@ -206,27 +291,54 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict:
+    if self._it is None:
+      self._it = iter(self._make_dataset(self.position))
     batch = next(self._it)
     self.counters['skipped_records'] += int(np.sum(batch.pop('_skipped')))
     self.counters['batches'] += 1
+    self.position += self.global_batch
     return batch
 
   def get_state(self) -> dict:
-    return {'grain': self._it.get_state(), 'counters': dict(self.counters), 'fingerprint': self._fingerprint}
+    return {'version': STATE_VERSION, 'position': self.position, 'counters': dict(self.counters),
+            'fingerprint': dict(self._fingerprint)}
 
   def set_state(self, state: dict) -> None:
+    """Continues at `state`'s stream position. Also takes the state of earlier versions (per-host grain
+    state + batch count), resumed at the same number of global batches."""
     if isinstance(state, (bytes, str)):
       state = json.loads(state)
-    if state.get('fingerprint') != self._fingerprint:
-      raise ValueError(f'iterator state was saved for {state.get("fingerprint")}, this pipeline is '
-                       f'{self._fingerprint}; resume with the same data config, host and worker counts')
-    self._it.set_state(state['grain'])
-    self.counters = dict(state['counters'])
+    if not isinstance(state, dict) or not isinstance(state.get('fingerprint'), dict):
+      raise ValueError(f'not an input-pipeline state: {str(state)[:200]}')
+    saved = _data_fingerprint(state['fingerprint'])
+    if saved != _data_fingerprint(self._fingerprint):
+      raise ValueError(f'iterator state was saved for {saved}, this pipeline is '
+                       f'{_data_fingerprint(self._fingerprint)}; resume with the same data config')
+    counters = dict(state.get('counters') or {})
+    version = state.get('version', 1)
+    if version == STATE_VERSION:
+      position = state.get('position')
+    elif version == 1 and 'grain' in state:
+      fp = state['fingerprint']
+      position = int(counters.get('batches', 0)) * int(fp['per_host_batch']) * int(fp['process_count'])
+      logging.warning('input state of an earlier version (per-host grain state): resuming at stream position '
+                      '%d (%d global batches); the order from there is the host-count independent one',
+                      position, counters.get('batches', 0))
+    else:
+      raise ValueError(f'input-pipeline state version {version!r} is not readable by this version '
+                       f'({STATE_VERSION})')
+    if not isinstance(position, int) or position < 0:
+      raise ValueError(f'input-pipeline state has no valid stream position: {position!r}')
+    self.close()
+    self.position = position
+    self.counters = {'batches': int(counters.get('batches', 0)),
+                     'skipped_records': int(counters.get('skipped_records', 0))}
 
   def close(self) -> None:
     close = getattr(self._it, 'close', None)
     if close is not None:
       close()
+    self._it = None
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -246,11 +358,16 @@ def _ensure_absl_flags_parsed():
 
 
 def make_train_iterator(config, *, process_index: int | None = None, process_count: int | None = None,
-                        start_state: dict | None = None, with_ids: bool = False) -> TrainIterator:
+                        host_rows=None, start_state: dict | None = None,
+                        with_ids: bool = False) -> TrainIterator:
   """Per-host training batches for `config` (see the module docstring).
 
   config keys used: data.{data_dir, dataset, split, image_size, crop_scale, deit_aug, entity_mode,
-  num_workers, read_threads, shuffle_seed, prompt_template, answer_template}, model.text.max_length, train.global_batch_size.
+  num_workers, read_threads, shuffle_seed, prompt_template, answer_template}, model.text.max_length,
+  train.global_batch_size.
+  host_rows: the rows of each global batch this host assembles, ascending (default: the contiguous block
+  process_index * b .. + b-1). The trainer passes the rows its devices hold (`sharding.process_batch_rows`),
+  which is what `jax.make_array_from_process_local_data` expects.
   with_ids: add `example_id` / `cross_example_id` int64 [b] (tests and debugging).
   """
   if process_index is None or process_count is None:
@@ -264,7 +381,15 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
   if global_batch % process_count:
     raise ValueError(f'--config.train.global_batch_size={global_batch} is not divisible by the '
                      f'{process_count} hosts')
-  per_host = global_batch // process_count
+  if host_rows is None:
+    per_host = global_batch // process_count
+    host_rows = np.arange(process_index * per_host, (process_index + 1) * per_host)
+  host_rows = np.asarray(host_rows, np.int64).reshape(-1)
+  if (not host_rows.size or np.any(np.diff(host_rows) <= 0) or host_rows[0] < 0
+      or host_rows[-1] >= global_batch):
+    raise ValueError(f'host_rows must be ascending rows of the global batch [0, {global_batch}), got '
+                     f'{host_rows.tolist()[:16]}')
+  per_host = int(host_rows.size)
   path = dataset_path(config)
   split = d.split
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -283,24 +408,27 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
                                answer_template=d.answer_template, with_ids=with_ids,
                                channel_shuffle=d.channel_shuffle)
   seed = int(d.shuffle_seed)
-  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
-  ds = ds.random_map(transform, seed=seed + 1)
-  ds = ds[process_index::process_count]
+  order = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)   # stream position -> example index
+  key = stream_key(seed)
   threads = int(d.read_threads)
-  # a small read-ahead keeps the threads busy; elements are ~1.2 MB at 224 px, so not a whole batch's worth
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(8, 8 * threads)))
-  ds = _SkipBad(ds).batch(per_host, drop_remainder=True)
   workers = int(d.num_workers)
-  if workers > 0:
-    _ensure_absl_flags_parsed()
-    # each worker assembles whole per-host batches (b x 2 x 0.6 MB at 224 px), so one queued batch each:
-    # with W workers, W batches are in flight, which is enough read-ahead and bounds host memory
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1),
-                        worker_init_fn=_worker_init)
-  fingerprint = {'path': os.path.abspath(path), 'split': split, 'num_examples': n, 'seed': seed,
-                 'process_index': process_index, 'process_count': process_count, 'per_host_batch': per_host,
-                 'num_workers': workers}
-  it = TrainIterator(ds, num_examples=n, per_host_batch=per_host, global_batch=global_batch,
+  # a small read-ahead keeps the threads busy; elements are ~1.2 MB at 224 px, so not a whole batch's worth
+  read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(8, 8 * threads))
+
+  def make_dataset(start: int):
+    elements = _HostElements(order, transform, key=key, start=start, global_batch=global_batch,
+                             rows=host_rows)
+    ds = _WholeBatchesPerWorker(elements, read_options).batch(per_host, drop_remainder=True)
+    if workers > 0:
+      _ensure_absl_flags_parsed()
+      # each worker assembles whole per-host batches (b x 2 x 0.6 MB at 224 px), so one queued batch each:
+      # with W workers, W batches are in flight, which is enough read-ahead and bounds host memory
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1),
+                          worker_init_fn=_worker_init)
+    return ds
+
+  fingerprint = {'path': os.path.abspath(path), 'split': split, 'num_examples': n, 'seed': seed}
+  it = TrainIterator(make_dataset, num_examples=n, per_host_batch=per_host, global_batch=global_batch,
                      fingerprint=fingerprint)
   if start_state is not None:
     it.set_state(start_state)

@@ -27,6 +27,8 @@ import shutil
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ovseg_jax import errors
+
 _VERSION = '1.0.0'
 ARRAY_RECORD_OPTIONS = 'group_size:1'   # what tfds's ArrayRecordFileAdapter writes (random access)
 META_FILE = 'ovseg_meta.json'
@@ -126,8 +128,15 @@ def read_meta(version_dir: str) -> dict:
   path = os.path.join(version_dir, META_FILE)
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.UsageError(f'{path} is unreadable ({type(e).__name__}: {e}); rebuild the dataset in '
+                            f'{version_dir}') from None
+  if not isinstance(meta, dict):
+    raise errors.UsageError(f'{path} is not a JSON object; rebuild the dataset in {version_dir}')
+  return meta
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -137,12 +146,65 @@ def write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def _info(version_dir: str):
+  """The tfds DatasetInfo of `version_dir`; a damaged dataset_info.json / features.json is a UsageError."""
+  try:
+    return tfds.builder_from_directory(version_dir).info
+  except Exception as e:  # pylint: disable=broad-except  (tfds raises json, protobuf and its own errors)
+    detail = ' '.join(str(e).split())[:200]
+    raise errors.UsageError(f'{version_dir}: dataset_info.json / features.json cannot be read '
+                            f'({type(e).__name__}: {detail}); delete that folder and build the dataset '
+                            'again') from None
+
+
 def existing_splits(version_dir: str) -> dict:
   """split name -> tfds SplitInfo of a dataset already in `version_dir` ({} if none)."""
   if not os.path.exists(os.path.join(version_dir, 'dataset_info.json')):
     return {}
-  info = tfds.builder_from_directory(version_dir).info
-  return {k: v for k, v in info.splits.items()}
+  return dict(_info(version_dir).splits.items())
+
+
+def check_split(version_dir: str, split: str):
+  """The split's tfds SplitInfo once every shard file is there and whole; else one UsageError line naming
+  the dataset folder and the first bad file (deleted, emptied, truncated, or another record count).
+
+  Opening an array_record file reads only its footer (~0.1 ms a file), so this runs before every read.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(version_dir, 'dataset_info.json')):
+    raise errors.UsageError(f'{version_dir} holds no dataset (no dataset_info.json); build it with '
+                            '`python -m ovseg_jax.data.build_cc4m --input ... --output DATA_DIR`')
+  splits = existing_splits(version_dir)
+  if split not in splits:
+    raise errors.UsageError(f'{version_dir} has no split {split!r} (it has {sorted(splits)})')
+  info = splits[split]
+  hint = 'rebuild the split (build_cc4m / synthetic with --overwrite)'
+  for path, expected in zip(info.filepaths, info.shard_lengths):
+    path = os.fspath(path)
+    fname = os.path.basename(path)
+    if not os.path.isfile(path):
+      raise errors.UsageError(f'dataset {version_dir}: shard file {fname} of split {split!r} is missing; '
+                              f'{hint}')
+    reader = array_record_module.ArrayRecordReader(path, 'readahead_buffer_size:0')
+    ok, n = reader.ok(), reader.num_records()
+    try:
+      reader.close()
+      problem = None if ok else 'unreadable'
+    except Exception as e:  # pylint: disable=broad-except  (riegeli's RuntimeError names the damage)
+      problem = ' '.join(str(e).split())[:160]
+    if problem is None and n != expected:
+      problem = f'{n} records, dataset_info.json says {expected}'
+    if problem is not None:
+      raise errors.UsageError(f'dataset {version_dir}: shard file {fname} of split {split!r} is truncated or '
+                              f'damaged ({problem}); {hint}')
+  return info
+
+
+def open_source(version_dir: str, split: str, decoders=None):
+  """`tfds.builder_from_directory(version_dir).as_data_source(split)` after `check_split`: a deleted or
+  truncated shard is one UsageError line at open, not an error deep inside a read."""
+  check_split(version_dir, split)
+  return tfds.builder_from_directory(version_dir).as_data_source(split, decoders=decoders)
 
 
 def remove_split(version_dir: str, name: str, split: str) -> None:
@@ -189,9 +251,13 @@ def load_entity_index(version_dir: str, split: str, kind: str = 'canonical') -> 
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} is missing; rebuild the dataset with '
                             '`python -m ovseg_jax.data.build_cc4m`')
-  with np.load(path) as z:
-    names, offsets, ids = z[f'{kind}_names'], z[f'{kind}_offsets'], z[f'{kind}_ids']
-    return {str(n): ids[offsets[i]:offsets[i + 1]] for i, n in enumerate(names)}
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      names, offsets, ids = z[f'{kind}_names'], z[f'{kind}_offsets'], z[f'{kind}_ids']
+  except Exception as e:  # pylint: disable=broad-except  (zipfile / numpy errors of a damaged file)
+    raise errors.UsageError(f'dataset {version_dir}: {os.path.basename(path)} is unreadable '
+                            f'({type(e).__name__}: {e}); rebuild the split') from None
+  return {str(n): ids[offsets[i]:offsets[i + 1]] for i, n in enumerate(names)}
 
 
 def finalize_split(*, data_dir: str, name: str, split: str, parts: list, meta: dict, report: dict) -> str:
@@ -211,10 +277,9 @@ def finalize_split(*, data_dir: str, name: str, split: str, parts: list, meta: d
     raise ValueError(f'{vdir} holds splits built with entity vocabulary {old["vocab"]["name"]!r}; '
                      f'write {meta["vocab"]["name"]!r} data to another --output or dataset name')
   if not parts:
-    raise ValueError(f'no record of split {split!r} was kept; see the report (every record was dropped)')
+    raise ValueError(f'no record of split {split!r} was kept (every record was dropped): nothing to register')
   splits = existing_splits(vdir)
-  if split in splits:
-    remove_split(vdir, name, split)
+  remove_split(vdir, name, split)  # also the leftovers of a run killed while finalizing
   canonical, surface, offset, lengths, num_bytes = {}, {}, 0, [], 0
   for i, p in enumerate(parts):
     shutil.move(p['path'], os.path.join(vdir, shard_filename(name, split, i, len(parts))))
