@@ -7,7 +7,7 @@ kind="${1:-run}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 req=requirements.txt; [ "$kind" = dev ] && req=requirements-dev.txt
-stamp=".venv/.installed-$kind-$(cat requirements.txt "$req" | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$kind-$(cat requirements*.txt | sha256sum | cut -c1-16)"  # any requirements file changed: reinstall
 if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v 'is ignored' || true

@@ -46,6 +46,7 @@ import threading
 import grain
 import numpy as np
 
+from ovseg_jax import fileio
 from ovseg_jax.data import augment
 from ovseg_jax.data import entities as entities_lib
 from ovseg_jax.data import tfds_builder
@@ -392,11 +393,14 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
   per_host = int(host_rows.size)
   path = dataset_path(config)
   split = d.split
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  info = tfds.builder_from_directory(path).info
-  if split not in info.splits:
-    raise ValueError(f'--config.data.split={split!r}: {path} has splits {sorted(info.splits)}')
-  n = info.splits[split].num_examples
+  if fileio.is_remote(path):   # the shard check below reads local footers; tfds reads remote ones itself
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    info = tfds.builder_from_directory(path).info
+    if split not in info.splits:
+      raise ValueError(f'--config.data.split={split!r}: {path} has splits {sorted(info.splits)}')
+    n = info.splits[split].num_examples
+  else:   # a deleted or truncated shard is one line here, not an error deep inside a worker's read
+    n = tfds_builder.check_split(path, split).num_examples
   if n < global_batch:
     raise ValueError(f'{path} split {split!r} has {n} examples, fewer than one global batch ({global_batch})')
   meta = tfds_builder.read_meta(path)
