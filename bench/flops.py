@@ -1,6 +1,6 @@
 """Analytic matmul FLOP count of OVSegmentor (maxtext-style MFU numerator), per image, from `config.model`.
 
-    python -m bench.flops [--config configs/vitb.py] [--batch 8]
+    python -m bench.flops [--config configs/vitb.py] [--batch 8] [--tokens 16]
 
 Counts 2 * M * N * K for every dense layer, conv-as-matmul and attention product (QK^T, AV) of one image
 (one example: image + its captions), and nothing else (no softmax / LayerNorm / GELU / optimizer), i.e. the
@@ -85,23 +85,24 @@ def projector(mc, rows: int, in_width: int, hidden_only: bool = False) -> float:
   return out
 
 
-def decoder_forward(mc) -> float:
-  t = mc.text.max_length
+def decoder_forward(mc, tokens: int | None = None) -> float:
+  t = tokens or mc.text.max_length
   c = mc.vision.width
   k = mc.binding.num_output_groups
   return cross_attn_block(t, k, c, mc.decoder.mlp_ratio) + vit_block(t, c, mc.decoder.mlp_ratio)
 
 
-def train_step_per_image(config, stage: int | None = None) -> dict:
-  """Model FLOPs of one training example (fwd + bwd), by part; `stage` defaults to config.stage."""
+def train_step_per_image(config, stage: int | None = None, tokens: int | None = None) -> dict:
+  """Model FLOPs of one training example (fwd + bwd), by part; `stage` defaults to config.stage, `tokens`
+  (the padded text length, e.g. a data.text_buckets bucket) to model.text.max_length."""
   mc = config.model
   stage = config.stage if stage is None else stage
-  c, tw, t = mc.vision.width, mc.text.width, mc.text.max_length
+  c, tw, t = mc.vision.width, mc.text.width, tokens or mc.text.max_length
   k = mc.binding.num_output_groups
   vis = visual_forward(mc)
   # Online visual: 3x forward, but the patch embed needs no input gradient (2x).
   out = {'visual_online': 3 * vis['total'] - vis['patch_embed']}
-  bert = bert_forward(mc)
+  bert = bert_forward(mc, t)
   text_mult = 3.0 if stage == 1 else 1.0         # BERT trained in stage 1, frozen in stage 2
   text_calls = 3                                  # caption, question, answer
   out['text_encoder'] = text_calls * text_mult * bert
@@ -109,7 +110,7 @@ def train_step_per_image(config, stage: int | None = None) -> dict:
   # projector calls only need the hidden layer's forward (BN statistics).
   proj = projector(mc, 1 + k, c) + projector(mc, 1, tw) + projector(mc, 1, c)
   out['projectors'] = 3 * proj + text_calls * projector(mc, t, tw, hidden_only=True)
-  out['decoder'] = 3 * decoder_forward(mc)
+  out['decoder'] = 3 * decoder_forward(mc, t)
   if stage == 2:
     out['teacher_forward'] = vis['total'] + projector(mc, 1 + k, c, hidden_only=True)
     out['cross_entity_text'] = bert + projector(mc, t, tw, hidden_only=True) + projector(mc, 1, tw)
@@ -132,12 +133,13 @@ def main(argv=None):
   fv = flags.FlagValues()
   flags.DEFINE_string('config', 'configs/vitb.py', 'configs/X.py[:variant]', flag_values=fv)
   flags.DEFINE_integer('batch', 1, 'images per step', flag_values=fv)
+  flags.DEFINE_integer('tokens', 0, 'padded text length (0: model.text.max_length)', flag_values=fv)
   args = cli.parse(fv, argv, prog='python -m bench.flops', doc=__doc__)
   mod = importlib.import_module(args.config.replace('/', '.').removesuffix('.py'))
   out = {}
   for stage in (1, 2):
     cfg = mod.get_config(f'stage={stage}')
-    parts = train_step_per_image(cfg)
+    parts = train_step_per_image(cfg, tokens=args.tokens or None)
     out[f'stage{stage}_train_gflop_per_image'] = {k: round(v / 1e9, 2) for k, v in parts.items()}
   out['inference_window448_gflop'] = round(inference_window(mod.get_config().model) / 1e9, 2)
   print(json.dumps(out, indent=1))

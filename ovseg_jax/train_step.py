@@ -41,6 +41,7 @@ from ovseg_jax import losses
 from ovseg_jax import matching
 from ovseg_jax import optim
 from ovseg_jax import sharding as sharding_lib
+from ovseg_jax import text_buckets
 from ovseg_jax.models import ovsegmentor
 from ovseg_jax.models import visual
 from ovseg_jax.tokenizer import MASK_ID
@@ -110,7 +111,8 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
                    mesh=None, return_intermediates: bool = False, mask_branch: bool = True):
   """The official forward_train -> (total loss, (metrics, new batch_stats[, intermediates])).
 
-  batch: BATCH_KEYS arrays of the global batch B (images [B, H, W, 3], ids / masks [B, T]).
+  batch: BATCH_KEYS arrays of the global batch B (images [B, H, W, 3], ids / masks [B, T]; T may be a
+    text bucket shorter than model.text.max_length, text_buckets.py).
   rng: the step key (streams 'dropout' and 'gumbel' are split from it per call).
   mask_branch: False skips the teacher / cross-image / mask-loss branch (the trainer's choice while the
     paper_single lambda is still 0; see `mask_phase_start`).
@@ -130,10 +132,12 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
   bs = batch_stats
   inter = {}
   all_tokens = bool(config.train.text_bn_all_tokens)
+  # Bucketed padding: the token projection's BN statistics skip padding, whose count depends on the bucket.
+  enc_text = functools.partial(OVSegmentor.encode_text, project_tokens=all_tokens,
+                               real_token_stats=all_tokens and text_buckets.enabled(config))
   # Contrast (Eq. 7).
   img, bs = call(bs, functools.partial(OVSegmentor.encode_image, deterministic=det), batch['image'], True)
-  txt, bs = call(bs, functools.partial(OVSegmentor.encode_text, project_tokens=all_tokens),
-                 batch['text_ids'], batch['text_mask'], True)
+  txt, bs = call(bs, enc_text, batch['text_ids'], batch['text_mask'], True)
   scale, _ = call(bs, OVSegmentor.logit_scale_exp)
   chunk = config.loss.contrast_chunk
   l_contrast = losses.contrastive_loss(img['image_x'], txt['text_x'], scale, chunk)
@@ -142,12 +146,10 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
   # Masked entity completion (Eq. 8-9).
   l_entity = jnp.zeros((), jnp.float32)
   if uses_entity(config):
-    quest, bs = call(bs, functools.partial(OVSegmentor.encode_text, project_tokens=all_tokens),
-                     batch['question_ids'], batch['question_mask'], True)
+    quest, bs = call(bs, enc_text, batch['question_ids'], batch['question_mask'], True)
     dec, bs = call(bs, OVSegmentor.decode_entity, img['image_feat_before_proj'],
                    quest['text_feat_before_proj'], batch['question_mask'], True)
-    ans, bs = call(bs, functools.partial(OVSegmentor.encode_text, project_tokens=all_tokens),
-                   batch['answer_ids'], batch['answer_mask'], True)
+    ans, bs = call(bs, enc_text, batch['answer_ids'], batch['answer_mask'], True)
     l_entity = losses.entity_loss(dec['question_out'], ans['text_x'], scale, chunk)
     inter.update(question_out=dec['question_out'], answer_x=ans['text_x'])
 
@@ -166,8 +168,7 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
     t_groups = t_out['x']
     _, bs = call(bs, lambda m, g: (m.img_projector(jnp.mean(g, axis=1), True), m.img_projector(g, True)),
                  t_groups)
-    ent, bs = call(bs, functools.partial(OVSegmentor.encode_text, project_tokens=all_tokens),
-                   batch['cross_entity_ids'], batch['cross_entity_mask'], True)
+    ent, bs = call(bs, enc_text, batch['cross_entity_ids'], batch['cross_entity_mask'], True)
     group_logits = jax.lax.stop_gradient(jnp.einsum('bkp,bp->bk', img['image_feat'], ent['text_x'],
                                                     precision=jax.lax.Precision.HIGHEST))
     per_dev = config.loss.dice_per_device_batch or None

@@ -20,6 +20,7 @@ from jax import monitoring
 from ovseg_jax import inference
 from ovseg_jax import optim
 from ovseg_jax import sharding
+from ovseg_jax import text_buckets
 from ovseg_jax import train_step as ts
 from tests import seg_fixtures
 from tests import train_fixtures
@@ -94,3 +95,42 @@ def test_train_steps_compile_nothing_after_the_first(mesh):
       assert np.isfinite(m['loss']) and m['finite'] == 1.0
   assert not seen, f'{len(seen)} XLA compilations after the first step'
   assert int(jax.device_get(state['step'])) == 4
+
+
+def test_each_text_bucket_compiles_once():
+  # data.text_buckets: the step compiles once per bucket length met, and never again (chex counts traces
+  # inside the jit, the listener every XLA compile, eager ops included).
+  config = train_fixtures.small_config(stage=1)
+  config.unlock()
+  config.data.text_buckets = (12, 16)
+  config.lock()
+  mesh = sharding.make_mesh(config.mesh, jax.devices())
+  model = ts.make_model(config)
+  tx, sched = optim.make_optimizer(config.optim, total_steps=config.train.total_steps, warmup_steps=1,
+                                   global_batch=config.train.global_batch_size)
+  state, shardings = sharding.create_sharded_state(
+      lambda r: ts.init_state(config, model, tx, r), mesh, config.sharding, jax.random.key(0))
+  step_fn = ts.jit_train_step(config, model, tx, sched, config.train.total_steps, mesh, shardings,
+                              max_traces=2)
+  batches = train_fixtures.batches(config)
+  rng = jax.random.key(1)
+
+  def run(length):
+    batch, t = text_buckets.bucket_batch(next(batches), config)
+    assert t == 12   # the fixture's captions hold at most 12 tokens; 16 is forced below
+    if length != t:
+      batch = text_buckets.pad_to(batch, length)
+    out = step_fn(state, sharding.host_batch_to_global(batch, mesh), rng)
+    m = jax.device_get(out[1])
+    assert np.isfinite(m['loss']) and m['finite'] == 1.0
+    return out[0]
+
+  with count_compiles() as first:
+    for length in (12, 16):
+      state = run(length)
+  assert len(first) >= 2, 'each bucket must compile once'
+  with count_compiles() as seen:
+    for length in (16, 12, 12, 16):
+      state = run(length)
+  assert not seen, f'{len(seen)} XLA compilations after each bucket compiled once'
+  assert int(jax.device_get(state['step'])) == 6

@@ -26,14 +26,14 @@ def _torch_bias_init(fan_in: int):
 class BatchNorm(nn.Module):
   """PyTorch `BatchNorm1d` arithmetic: normalise with the biased batch variance, but update `var` with the
   unbiased one (n / (n - 1)), running = momentum * running + (1 - momentum) * batch (PyTorch momentum 0.1 ==
-  `momentum` 0.9 here). Input [N, C]; statistics over N.
+  `momentum` 0.9 here). Input [N, C]; statistics over N, or over the rows where `where` [N] is true.
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool, where: jnp.ndarray | None = None) -> jnp.ndarray:
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
@@ -41,13 +41,21 @@ class BatchNorm(nn.Module):
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
     xf = x.astype(jnp.float32)
     if train:
-      n = xf.shape[0]
-      mean = jnp.mean(xf, axis=0)
-      var = jnp.mean(jnp.square(xf - mean), axis=0)
+      if where is None:
+        n = xf.shape[0]
+        mean = jnp.mean(xf, axis=0)
+        var = jnp.mean(jnp.square(xf - mean), axis=0)
+        unbias = n / max(n - 1, 1)
+      else:  # statistics of the selected rows only (bucketed text: real tokens, text_buckets.py)
+        w = where.astype(jnp.float32)[:, None]
+        n = jnp.maximum(jnp.sum(w), 1.0)
+        mean = jnp.sum(xf * w, axis=0) / n
+        var = jnp.sum(jnp.square(xf - mean) * w, axis=0) / n
+        unbias = n / jnp.maximum(n - 1.0, 1.0)
       if not self.is_initializing():
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
-        ra_var.value = m * ra_var.value + (1.0 - m) * var * (n / max(n - 1, 1))
+        ra_var.value = m * ra_var.value + (1.0 - m) * var * unbias
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (xf - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon)) * scale + bias
@@ -57,7 +65,8 @@ class BatchNorm(nn.Module):
 class ProjectionHead(nn.Module):
   """x [B, C] or [B, L, C] -> [B, out] or [B, L, out] (not L2-normalised).
 
-  train=True uses batch statistics over all B*L positions and updates `batch_stats` (must be mutable).
+  train=True uses batch statistics over all B*L positions (or those where `where` [B] / [B, L] is true) and
+  updates `batch_stats` (must be mutable).
   """
   hidden: int
   out: int
@@ -66,12 +75,13 @@ class ProjectionHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool = False, where: jnp.ndarray | None = None) -> jnp.ndarray:
     lead = x.shape[:-1]
     c = x.shape[-1]
     h = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_torch_conv_init(), bias_init=_torch_bias_init(c),
                  name='linear_hidden')(x.reshape(-1, c))
-    h = BatchNorm(self.bn_momentum, self.bn_eps, self.dtype, name='bn')(h, train)
+    h = BatchNorm(self.bn_momentum, self.bn_eps, self.dtype, name='bn')(
+        h, train, None if where is None else where.reshape(-1))
     y = nn.Dense(self.out, dtype=self.dtype, kernel_init=_torch_conv_init(),
                  bias_init=_torch_bias_init(self.hidden), name='linear_out')(nn.relu(h))
     return y.reshape(lead + (self.out,))

@@ -55,9 +55,11 @@ class OVSegmentor(nn.Module):
     return out
 
   def encode_text(self, ids: jnp.ndarray, mask: jnp.ndarray, train: bool = False,
-                  project_tokens: bool = False, deterministic: bool = False) -> dict:
+                  project_tokens: bool = False, deterministic: bool = False,
+                  real_token_stats: bool = False) -> dict:
     """ids, mask int [B, T] -> text_x [B, P] (projected [CLS]), text_x_before_proj [B, C],
-    text_feat_before_proj [B, T, C], and text_feat_after_proj [B, T, P] when `project_tokens`.
+    text_feat_before_proj [B, T, C], and text_feat_after_proj [B, T, P] when `project_tokens`
+    (`real_token_stats`: its BN statistics over the positions where mask is 1, not all B*T; text_buckets.py).
 
     `train`: BERT dropout on (the authors keep BERT in train mode) and BN on batch statistics;
     `deterministic` turns the dropout off but keeps the BN train behaviour.
@@ -66,7 +68,7 @@ class OVSegmentor(nn.Module):
     cls = tokens[:, 0]
     out = dict(text_x_before_proj=cls, text_feat_before_proj=tokens, text_x=self.text_projector(cls, train))
     if project_tokens:
-      out['text_feat_after_proj'] = self.text_projector(tokens, train)
+      out['text_feat_after_proj'] = self.text_projector(tokens, train, mask > 0 if real_token_stats else None)
     return out
 
   def decode_entity(self, visual: jnp.ndarray, question_feat: jnp.ndarray, question_mask: jnp.ndarray,
