@@ -69,5 +69,11 @@ def get_config(arg=None):
   c.eval.window = 128
   c.eval.stride = 64
   c.eval.window_batch = 8
+  # Zero-shot mIoU on the held-out synthetic split that launch/local.sh builds (RUN/val) every 250 steps
+  # (bench/RESULTS.md "Evaluation during training": its cost). That split is the one local.sh reports, so
+  # the run only watches it: keep_best stays False (selecting on it would be selection on the test split).
+  c.eval_during_training.every_steps = 250
+  c.eval_during_training.dataset = 'folder'
+  c.eval_during_training.data_dir = 'runs/local/val'
   c.lock()
   return c

@@ -36,7 +36,7 @@ run "$PY" -m ovseg_jax.data.synthetic --output "$RUN/data" --split train --num_i
 run "$PY" -m ovseg_jax.data.synthetic --output "$RUN/val" --split val --num_images "$VAL_IMAGES" --seed "$VAL_SEED" --format voc
 stage "3/6 train configs/tiny.py:$VARIANT (contrast + entity + mask with EMA teacher)"
 run "$PY" -m ovseg_jax.train --config="configs/tiny.py:$VARIANT" --workdir="$RUN/train" \
-  --config.data.data_dir="$RUN/data" --config.seed="$SEED"
+  --config.data.data_dir="$RUN/data" --config.eval_during_training.data_dir="$RUN/val" --config.seed="$SEED"
 stage "4/6 export the inference checkpoint"
 run "$PY" -m ovseg_jax.export --workdir "$RUN/train" --dst "$RUN/export"
 stage "5/6 zero-shot evaluation on the held-out split"

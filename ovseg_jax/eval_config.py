@@ -17,4 +17,11 @@ def defaults() -> ml_collections.ConfigDict:
       templates='simple',              # 'simple' ("a photo of a {}.") | 'imagenet80'
       bg_threshold=0.95,               # background where max_c logit < min(bg_threshold, max P) (Eq. 1)
       top_k=5,                         # classes kept by the image-level filter of Eq. 1
+      # PAMR (pamr.py; TCL's inference refinement, not the authors'): refine the window-averaged logits along
+      # the image's colour edges before the final resize. TCL's settings: 10 iterations, dilations
+      # (1, 2, 4, 8, 12, 24), at 1/4 of the network-input size (github:kakaobrain/tcl models/tcl/tcl.py).
+      pamr=False,
+      pamr_iterations=10,
+      pamr_dilations=(1, 2, 4, 8, 12, 24),
+      pamr_downsample=4,               # PAMR runs at (h / 4, w / 4) of the resized image, as TCL's masks
   ))
