@@ -140,11 +140,36 @@ def base_config() -> ml_collections.ConfigDict:
       # The prompted-entity sentence h(E) of Eq. 8: '' = a random ImageNet template prefix + entities joined
       # by ' and ' (official); a format string such as 'a photo of a {}.' = one fixed prompt (paper's form).
       answer_template='',
+      # Text padding buckets (ovseg_jax/text_buckets.py): each global batch's texts are padded to the smallest
+      # bucket holding its longest text; model.text.max_length is the ceiling. (77,) = the authors' fixed
+      # padding='max_length'. With several buckets the token-projection BN statistics of
+      # train.text_bn_all_tokens skip padding (docs/paper_vs_authors.md Q7), and decoder.attend_padding must
+      # be False. e.g. (16, 24, 32, 48, 64, 77): one compile per bucket.
+      text_buckets=(77,),
   ))
 
   # Segmentation settings (short_side, window, stride, templates, bg_threshold, ...). Their defaults live in
   # the package, so inference without a config file has them too; an exported checkpoint carries these.
   c.eval = eval_config.defaults()
+
+  # Zero-shot evaluation during training (ovseg_jax/train_eval.py): every `every_steps` steps and at the last
+  # step, the online model segments a validation split with the `c.eval` settings above (a run shorter than
+  # every_steps is not evaluated). The scores go to metrics.jsonl and TensorBoard as eval/mIoU, eval/aAcc,
+  # eval/mAcc (percent) and eval/seconds; train throughput is timed without the evaluation.
+  c.eval_during_training = ml_collections.ConfigDict(dict(
+      every_steps=0,                   # 0: off
+      dataset='folder',                # an evaluate --dataset name; 'folder' = any VOC-layout folder with
+                                       # ImageSets/Segmentation/val.txt and class_names.txt
+      data_dir='',                     # its root
+      max_images=0,                    # the first N images of the split (0: all)
+      metric='mIoU',                   # 'mIoU' | 'aAcc' | 'mAcc': what keep_best ranks by
+      # True: WORKDIR/best/ holds the inference checkpoint (export's format) with the best `metric` so far.
+      # Its meta.json `selection` records the split, so `evaluate` warns when it scores that split. The
+      # benchmarks' own names (voc, context, ...) are their reported val splits, so selecting on them is
+      # refused. The authors select on VOC val (docs/paper_vs_authors.md Q21). Select on a folder of images
+      # the tables do not report instead, e.g. some VOC train images in the VOC layout.
+      keep_best=False,
+  ))
 
   c.mesh = (('data', -1), ('fsdp', 1))  # axis name, size (-1: all remaining devices)
   # Parameter / optimizer-state / EMA sharding (sharding.py): (regex on the '/'-joined path, rule), first

@@ -29,6 +29,9 @@ def main(argv):
     return 2
   try:
     out = train.train(config, workdir)
+  except KeyboardInterrupt as e:   # as the trainer's CLI: one line, 130
+    print(train.interrupt_message(e, workdir), file=sys.stderr)
+    return 130
   except (errors.UsageError, train.TrainingDiverged, FileNotFoundError) as e:
     print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
     return 1

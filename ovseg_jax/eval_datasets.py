@@ -399,11 +399,16 @@ def _stems(files: list) -> list:
   return [f[:-len(os.path.splitext(f)[1])] for f in files]
 
 
+def _image_label_dirs(root: str, images: tuple, labels: tuple, image_hint: str, label_hint: str):
+  """-> (root/images..., root/labels...), the image and the label folder of a layout, each required to exist."""
+  return (_require(os.path.join(root, *images), image_hint), _require(os.path.join(root, *labels), label_hint))
+
+
 def _coco_object(root: str):
-  img_dir = os.path.join(root, 'images', 'val2017')
-  label_dir = os.path.join(root, 'annotations', 'val2017_cocoobject')
-  _require(img_dir, 'data_dir must be the COCO root holding images/val2017')
-  _require(label_dir, 'build it with `python -m ovseg_jax.data.coco_object --coco_dir ' + root + '`')
+  img_dir, label_dir = _image_label_dirs(
+      root, ('images', 'val2017'), ('annotations', 'val2017_cocoobject'),
+      'data_dir must be the COCO root holding images/val2017',
+      'build it with `python -m ovseg_jax.data.coco_object --coco_dir ' + root + '`')
   stems = _stems(_listed(img_dir, '.jpg'))
   return [Sample(s, os.path.join(img_dir, s + '.jpg'), os.path.join(label_dir, s + '_instanceTrainIds.png'))
           for s in stems], []
@@ -411,10 +416,10 @@ def _coco_object(root: str):
 
 def _coco_stuff(root: str):
   """mmseg's <stem>_labelTrainIds.png (classes 0..170) when present, else the raw <stem>.png (ids 0..181)."""
-  img_dir = os.path.join(root, 'images', 'val2017')
-  label_dir = os.path.join(root, 'annotations', 'val2017')
-  _require(img_dir, 'data_dir must be the COCO-Stuff-164k root holding images/val2017')
-  _require(label_dir, 'unzip stuffthingmaps_trainval2017.zip into annotations/')
+  img_dir, label_dir = _image_label_dirs(
+      root, ('images', 'val2017'), ('annotations', 'val2017'),
+      'data_dir must be the COCO-Stuff-164k root holding images/val2017',
+      'unzip stuffthingmaps_trainval2017.zip into annotations/')
   samples = []
   for s in _stems(_listed(img_dir, '.jpg')):
     train_ids = os.path.join(label_dir, s + '_labelTrainIds.png')
@@ -428,10 +433,10 @@ def _coco_stuff(root: str):
 
 def _cityscapes(root: str):
   """leftImg8bit/val/<city>/X_leftImg8bit.png with gtFine/val/<city>/X_gtFine_labelIds.png (or labelTrainIds)."""
-  img_root = os.path.join(root, 'leftImg8bit', 'val')
-  gt_root = os.path.join(root, 'gtFine', 'val')
-  _require(img_root, 'data_dir must be the Cityscapes root holding leftImg8bit/ and gtFine/')
-  _require(gt_root, 'gtFine_trainvaltest.zip unpacked into data_dir')
+  img_root, gt_root = _image_label_dirs(
+      root, ('leftImg8bit', 'val'), ('gtFine', 'val'),
+      'data_dir must be the Cityscapes root holding leftImg8bit/ and gtFine/',
+      'gtFine_trainvaltest.zip unpacked into data_dir')
   if not os.path.isdir(img_root):
     raise errors.UsageError(f'expected a folder at {img_root}, not a file')
   cities = sorted(c for c in os.listdir(img_root) if os.path.isdir(os.path.join(img_root, c)))
@@ -454,10 +459,8 @@ def _cityscapes(root: str):
 
 
 def _ade20k(root: str):
-  img_dir = os.path.join(root, 'images', 'validation')
-  label_dir = os.path.join(root, 'annotations', 'validation')
-  _require(img_dir, 'data_dir must be the ADEChallengeData2016 folder')
-  _require(label_dir, 'data_dir must be the ADEChallengeData2016 folder')
+  hint = 'data_dir must be the ADEChallengeData2016 folder'
+  img_dir, label_dir = _image_label_dirs(root, ('images', 'validation'), ('annotations', 'validation'), hint, hint)
   stems = _stems(_listed(img_dir, '.jpg'))
   return [Sample(s, os.path.join(img_dir, s + '.jpg'), os.path.join(label_dir, s + '.png'), 'reduce_zero')
           for s in stems], []

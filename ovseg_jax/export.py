@@ -25,10 +25,23 @@ from ovseg_jax import cli
 from ovseg_jax import fileio
 
 
+def _check_fit(model_config, variables, what: str) -> None:
+  """The weights must build the model the config describes (one UsageError listing every misfit)."""
+  from ovseg_jax import inference  # pylint: disable=g-import-not-at-top  (jax + the model: only when exporting)
+  target = inference.checked_abstract_variables(model_config, f'the model config of {what}')
+  ckpt_lib.check_tree(variables, target, what, limit=6)
+
+
 def export(workdir: str, dst: str, step: int | None = None) -> str:
-  """-> the absolute path of the written inference checkpoint."""
+  """-> the absolute path of the written inference checkpoint.
+
+  Reads the newest step that reads unless `step` is given (an unreadable newer one is named in a warning),
+  with the config that saved it (its meta; WORKDIR/config.json for older checkpoints), and checks that the
+  weights fit that config's model before writing anything.
+  """
   config, state, step = ckpt_lib.read_workdir(workdir, step)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  _check_fit(config.model, variables, f'step {step} of {workdir}')
   meta = {'source': fileio.abspath(workdir), 'step': int(step), 'exporter': 'ovseg_jax.export',
           'stage': config.stage, 'recipe': config.recipe,
           'eval': config.eval.to_dict()}  # Segmenter's defaults for this model
@@ -51,10 +64,12 @@ def export_official(dst: str, *, workdir: str | None = None, checkpoint: str | N
     config, state, step = ckpt_lib.read_workdir(workdir, step)
     model_config, teacher = config.model, state.get('ema') or None
     variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+    _check_fit(model_config, variables, f'step {step} of {workdir}')
     cross_threshold = config.loss.cross_threshold
     provenance = {'source': fileio.abspath(workdir), 'step': step, 'stage': config.stage}
   else:
     model_config, variables = ckpt_lib.load_inference(checkpoint)
+    _check_fit(model_config, variables, checkpoint)
     teacher = ckpt_lib.load_teacher(checkpoint)  # written by `convert official` for a stage-2 file
     meta = ckpt_lib.load_meta(checkpoint)
     cross_threshold = 0.6
@@ -88,8 +103,8 @@ def main(argv=None) -> int:
     else:
       path = export(args.workdir, args.dst, args.step)
     print(f'wrote {path}')
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    print(f'error: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
+  except (OSError, ValueError, KeyError) as e:   # OSError: e.g. --dst under a regular file (names the path)
+    print(f'error: {next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)}', file=sys.stderr)
     return 2
   return 0
 

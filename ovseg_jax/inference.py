@@ -26,6 +26,7 @@ classes); windows of an image run in batches of `eval.window_batch` (the rest in
 This module imports no optimizer and no trainer.
 """
 
+import collections
 import functools
 
 import jax
@@ -34,7 +35,10 @@ import ml_collections
 import numpy as np
 
 from ovseg_jax import checkpoint
+from ovseg_jax import errors
 from ovseg_jax import eval_config
+from ovseg_jax import pamr as pamr_lib
+from ovseg_jax import param_tree
 from ovseg_jax import prompts
 from ovseg_jax import resize as resize_lib
 from ovseg_jax import tokenizer as tokenizer_lib
@@ -47,6 +51,7 @@ BACKGROUND = 'background'
 
 
 _TEXT_CHUNK = 256  # prompts per BERT call when building class embeddings (bounds memory for 80 templates)
+TEXT_CACHE_SIZE = 128  # vocabularies whose embeddings a Segmenter keeps (least recently used dropped first)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -229,6 +234,31 @@ def abstract_variables(model_config) -> dict:
                         jax.random.PRNGKey(0))
 
 
+def checked_abstract_variables(model_config, where: str) -> dict:
+  """`abstract_variables`, with a config that builds no model (a wrong type, 0 heads, a missing key, ...) as
+  one UsageError naming `where` (the file it came from)."""
+  try:
+    return abstract_variables(model_config)
+  except errors.UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (flax / jax / ml_collections raise many types)
+    line = next((x.strip() for x in str(e).splitlines() if x.strip()), '')
+    raise errors.UsageError(f'{where} does not describe a model this code builds ({type(e).__name__}: '
+                            f'{line[:200]})') from e
+
+
+@jax.jit
+def _finite_leaves(tree):
+  return jax.tree.map(lambda x: jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else True, tree)
+
+
+def first_non_finite(variables) -> str | None:
+  """The name of the first array holding a NaN or Inf ('params/img_encoder/norm/scale'), else None: one
+  jitted all-reduce per array, fetched together."""
+  flags = jax.device_get(_finite_leaves(variables))
+  return next((name for name, ok in param_tree.named_leaves(flags) if not ok), None)
+
+
 def _bucket(n: int, cap: int) -> int:
   """Smallest power of two >= n, capped at `cap` (bounds the number of compiled batch sizes)."""
   return min(cap, 1 << max(n - 1, 0).bit_length())
@@ -258,7 +288,8 @@ class Segmenter:
     self.variables = jax.device_put(jax.tree.map(jnp.asarray, dict(variables)))
     self.patch_size = int(self.model_config.vision.patch_size)
     self.tokenizer = tokenizer_lib.get_tokenizer(max_length=int(self.model_config.text.max_length))
-    self._text_cache = {}
+    self._text_cache = collections.OrderedDict()  # LRU: a long-lived server (demo.py) sees many vocabularies
+    self.text_encodes = 0  # vocabularies encoded so far (text_embedding cache misses)
 
   @classmethod
   def from_checkpoint(cls, directory: str, **eval_overrides) -> 'Segmenter':
@@ -266,23 +297,35 @@ class Segmenter:
 
     Eval settings resolve as: the defaults (eval_config.py) < the `eval` block the checkpoint was exported
     with (e.g. tiny's 128 px windows; see `export.py`) < `eval_overrides`. The variables must fit the model
-    their model_config builds (one error lists every missing, unexpected or mis-shaped array).
+    their model_config builds (one error lists every missing, unexpected or mis-shaped array), and be finite:
+    a NaN or Inf would make every score NaN, so it is refused, naming the first such array.
     """
-    target = abstract_variables(checkpoint.load_model_config(directory))
+    target = checked_abstract_variables(checkpoint.load_model_config(directory),
+                                        f'{directory}/{checkpoint.MODEL_CONFIG}')
     model_config, variables = checkpoint.load_inference(directory, target=target)
     saved = checkpoint.load_meta(directory).get('eval') or {}
-    return cls(model_config, variables, default_eval_config(**{**saved, **eval_overrides}))
+    try:
+      default_eval_config(**saved)
+    except (TypeError, ValueError) as e:   # not an object, an unknown key, a value of another type
+      raise errors.UsageError(f'{directory}/{checkpoint.META}: bad `eval` settings ({e})') from e
+    seg = cls(model_config, variables, default_eval_config(**{**saved, **eval_overrides}))
+    bad = first_non_finite(seg.variables)
+    if bad is not None:
+      raise errors.UsageError(f'{directory} holds non-finite weights (NaN or Inf), first in {bad}: the run that '
+                              'wrote them diverged or the files are damaged; export another step')
+    return seg
 
   # --- public API ----------------------------------------------------------------------------------------
 
   def text_embedding(self, class_names) -> jnp.ndarray:
-    """[N, P] L2-normalised class embeddings (mean over templates of text_x), cached per vocabulary.
+    """[N, P] L2-normalised class embeddings (mean over templates of text_x), cached per vocabulary (LRU).
 
     All prompts are tokenised together with padding to the longest, as the authors build them.
     """
     class_names = tuple(class_names)
     key = (class_names, self.eval_config.templates)
     if key in self._text_cache:
+      self._text_cache.move_to_end(key)
       return self._text_cache[key]
     templates = prompts.TEMPLATES[self.eval_config.templates]
     texts = [t.format(c) for c in class_names for t in templates]   # class-major, as the authors
@@ -299,6 +342,9 @@ class Segmenter:
     feats = np.concatenate(feats).reshape(len(class_names), len(templates), -1).mean(axis=1)
     emb = l2_normalize(jnp.asarray(feats))
     self._text_cache[key] = emb
+    self.text_encodes += 1
+    if len(self._text_cache) > TEXT_CACHE_SIZE:
+      self._text_cache.popitem(last=False)
     return emb
 
   def window_logits(self, crops: np.ndarray, text_emb, background: bool = True,
@@ -368,6 +414,11 @@ class Segmenter:
     text_emb = self.text_embedding(names)
     x = preprocess(image, int(self.eval_config.short_side), int(self.eval_config.long_side))
     logits = self.slide_logits(x, text_emb, background, background_threshold)
+    if self.eval_config.pamr:   # TCL's refinement of the logits along the image's edges (pamr.py)
+      logits = np.asarray(pamr_lib.refine_logits(
+          x, logits, iterations=int(self.eval_config.pamr_iterations),
+          dilations=tuple(int(d) for d in self.eval_config.pamr_dilations),
+          downsample=int(self.eval_config.pamr_downsample)))
     scores = scores_from_logits(logits, (h, w))
     return scores.argmax(axis=0).astype(np.int32), scores
 

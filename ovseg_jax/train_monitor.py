@@ -1,7 +1,7 @@
 """What the trainer records about itself: metric files, throughput, ETA and MFU (big_vision keeps its metric
 writer and Chrono in `utils`).
 
-    writer = MetricWriter(workdir)                  # WORKDIR/metrics.jsonl + WORKDIR/tb, process 0 only
+    writer = MetricWriter(workdir, start_step=step) # WORKDIR/metrics.jsonl + WORKDIR/tb, process 0 only
     peak = machine_peak_flops(config)               # FLOP/s of all devices: the MFU denominator
     flops = compiled_flops(step.lower(...).compile())
     speed = throughput(seconds, steps, global_batch, flops, peak)   # step_seconds, img/s, MFU
@@ -32,9 +32,14 @@ class MetricWriter:
   ones (a resumed run continues it) and the whole metrics.jsonl is rewritten; events are written to a local
   temporary folder and copied to WORKDIR/tb. Both are uploaded by `sync()`: on the first record, then at
   most every `sync_seconds`, at every checkpoint (train loop) and at close().
+
+  `start_step`: the step the run starts from (0, or the resumed checkpoint's; the trainer passes it). The
+  file's rows after it were logged by the run that came before, past its last checkpoint, and are logged
+  again now: they are dropped (and TensorBoard's are purged), so each step has one row. So is a torn last
+  line of a killed writer. None: the file is continued as it is.
   """
 
-  def __init__(self, workdir: str, sync_seconds: float = 60.0):
+  def __init__(self, workdir: str, sync_seconds: float = 60.0, start_step: int | None = None):
     self.active = jax.process_index() == 0
     self.remote = fileio.is_remote(workdir)
     if not self.active:
@@ -42,15 +47,25 @@ class MetricWriter:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.jsonl_path = fileio.join(workdir, 'metrics.jsonl')
     self.tb_dir = fileio.join(workdir, 'tb')
+    old = fileio.read_text(self.jsonl_path) if fileio.exists(self.jsonl_path) else ''
+    if start_step is None:
+      kept = [line + '\n' for line in old.splitlines() if line.strip()]
+    else:
+      kept = rows_up_to(old, start_step)
+    # purge_step: TensorBoard hides the earlier files' events from this step on
+    purge = {'purge_step': start_step + 1} if old and start_step is not None else {}
     if self.remote:
       self.sync_seconds = sync_seconds
       self.local_tb = tempfile.mkdtemp(prefix='ovseg_tb_')
-      self.tb = SummaryWriter(self.local_tb)
-      old = fileio.read_text(self.jsonl_path) if fileio.exists(self.jsonl_path) else ''
-      self.lines = [line + '\n' for line in old.splitlines() if line.strip()]
-      self.dirty, self.last_sync = False, float('-inf')
+      self.tb = SummaryWriter(self.local_tb, **purge)
+      self.lines = kept
+      self.dirty, self.last_sync = len(kept) != len(old.splitlines()), float('-inf')
     else:
-      self.tb = SummaryWriter(self.tb_dir)
+      self.tb = SummaryWriter(self.tb_dir, **purge)
+      if start_step is not None and ''.join(kept) != old:   # rewritten whole: a kill leaves either file
+        tmp = self.jsonl_path + '.tmp'
+        fileio.write_text(tmp, ''.join(kept))
+        os.replace(tmp, self.jsonl_path)
       self.jsonl = fileio.open(self.jsonl_path, 'a')
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -92,6 +107,21 @@ class MetricWriter:
       shutil.rmtree(self.local_tb, ignore_errors=True)
     else:
       self.jsonl.close()
+
+
+def rows_up_to(text: str, step: int) -> list[str]:
+  """The metrics.jsonl lines (each with its newline) whose `step` is at most `step`; lines that do not parse
+  (a torn write) are dropped."""
+  kept = []
+  for line in text.splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and isinstance(row.get('step'), int) and row['step'] > step:
+      continue
+    kept.append(line + '\n')
+  return kept
 
 
 # ----------------------------------------------------------------------------------------------------------

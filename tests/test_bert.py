@@ -116,7 +116,7 @@ def test_bfloat16_compute_keeps_float32_params(minilm):
 def test_save_and_load_bert_init_round_trip(minilm, tmp_path):
   path, cfg, params = minilm
   out = convert_bert.save_bert_init(path, str(tmp_path / 'bert_init'))
-  assert sorted(os.listdir(out)) == ['meta.json', 'text_config.json', 'variables']
+  assert sorted(os.listdir(out)) == ['checksums.json', 'meta.json', 'text_config.json', 'variables']
   cfg2, params2 = convert_bert.load_bert_init(out)
   assert cfg2.to_dict() == cfg.to_dict()
   flat1, tree1 = jax.tree.flatten(params)

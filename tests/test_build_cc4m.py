@@ -97,6 +97,35 @@ def _build(inputs, out, **kw):
                                 opts=opts, num_workers=kw.pop('num_workers', 0), **kw)
 
 
+def _interrupt_second_shard(monkeypatch, calls=None):
+  """Makes the build stop with KeyboardInterrupt (a Ctrl-C or kill) when it starts shard 1; `calls` (a list)
+  records the index of every shard started. -> the real process_task (to patch back or wrap)."""
+  real = shard_writer.process_task
+
+  def crash_on_second(args):
+    if calls is not None:
+      calls.append(args[0].index)
+    if args[0].index == 1:
+      raise KeyboardInterrupt('simulated kill')
+    return real(args)
+
+  monkeypatch.setattr(shard_writer, 'process_task', crash_on_second)
+  return real
+
+
+def _interrupted_build(tmp_path, monkeypatch, num_tars, calls=None):
+  """Builds `num_tars` tars of `_records()` (in tmp_path) into tmp_path/out until shard 1 is interrupted, then
+  puts the real process_task back (still recording into `calls`)."""
+  recs = _records()
+  for i in range(num_tars):
+    write_tar(tmp_path / f'shard-{i:05d}.tar', recs)
+  real = _interrupt_second_shard(monkeypatch, calls)
+  with pytest.raises(KeyboardInterrupt):
+    _build([str(tmp_path)], tmp_path / 'out')
+  monkeypatch.setattr(shard_writer, 'process_task',
+                      real if calls is None else lambda args: calls.append(args[0].index) or real(args))
+
+
 def _read_back(vdir):
   src = tfds.builder_from_directory(vdir).as_data_source('train',
                                                          decoders={'image': tfds.decode.SkipDecoding()})
@@ -168,24 +197,10 @@ def test_tsv_with_parallel_workers(tmp_path):
 
 
 def test_resume_skips_finished_shards(tmp_path, monkeypatch):
-  recs = _records()
-  for i in range(3):
-    write_tar(tmp_path / f'shard-{i:05d}.tar', recs)
-  real = shard_writer.process_task
   calls = []
-
-  def crash_on_second(args):
-    calls.append(args[0].index)
-    if args[0].index == 1:
-      raise KeyboardInterrupt('simulated kill')
-    return real(args)
-
-  monkeypatch.setattr(shard_writer, 'process_task', crash_on_second)
-  with pytest.raises(KeyboardInterrupt):
-    _build([str(tmp_path)], tmp_path / 'out')
+  _interrupted_build(tmp_path, monkeypatch, 3, calls)
   assert calls == [0, 1]
   calls.clear()
-  monkeypatch.setattr(shard_writer, 'process_task', lambda args: calls.append(args[0].index) or real(args))
   report = _build([str(tmp_path)], tmp_path / 'out')
   assert calls == [1, 2]                                      # shard 0 was not redone
   assert report['shards_skipped_on_resume'] == 1
@@ -204,20 +219,7 @@ def test_resume_skips_finished_shards(tmp_path, monkeypatch):
 
 
 def test_resume_with_other_options_is_refused(tmp_path, monkeypatch):
-  recs = _records()
-  for i in range(2):
-    write_tar(tmp_path / f'shard-{i:05d}.tar', recs)
-  real = shard_writer.process_task
-
-  def crash(args):
-    if args[0].index == 1:
-      raise KeyboardInterrupt
-    return real(args)
-
-  monkeypatch.setattr(shard_writer, 'process_task', crash)
-  with pytest.raises(KeyboardInterrupt):
-    _build([str(tmp_path)], tmp_path / 'out')
-  monkeypatch.setattr(shard_writer, 'process_task', real)
+  _interrupted_build(tmp_path, monkeypatch, 2)
   tasks = build_cc4m.discover_tasks([str(tmp_path)], shard_size=4)
   with pytest.raises(errors.UsageError, match='other inputs/options'):
     shard_writer.run_build(tasks, build_cc4m.iter_task, output=str(tmp_path / 'out'), name='cc4m',
@@ -460,19 +462,10 @@ def test_unexpected_error_in_one_record_is_counted(tmp_path, monkeypatch):
 
 
 def test_rerun_after_a_crash_that_left_partial_files(tmp_path, monkeypatch):
-  recs = _records()
-  for i in range(3):
-    write_tar(tmp_path / f'shard-{i:05d}.tar', recs)
-  real = shard_writer.process_task
-
-  def crash_on_second(args):
-    if args[0].index == 1:
-      raise KeyboardInterrupt('simulated kill')
-    return real(args)
-
-  monkeypatch.setattr(shard_writer, 'process_task', crash_on_second)
-  with pytest.raises(KeyboardInterrupt):
-    _build([str(tmp_path)], tmp_path / 'out')
+  calls = []
+  _interrupted_build(tmp_path, monkeypatch, 3, calls)
+  assert calls == [0, 1]
+  calls.clear()
   work = tmp_path / 'out' / 'cc4m' / '_build_train'
   # what a kill -9 can leave: a half-written part, a part without its marker, a marker cut short,
   # and (killed while finalizing) a shard file already in the dataset folder
@@ -483,8 +476,6 @@ def test_rerun_after_a_crash_that_left_partial_files(tmp_path, monkeypatch):
   vdir = tmp_path / 'out' / 'cc4m' / '1.0.0'
   vdir.mkdir(parents=True)
   (vdir / 'cc4m-train.array_record-00000-of-00007').write_bytes(b'stale')
-  calls = []
-  monkeypatch.setattr(shard_writer, 'process_task', lambda args: calls.append(args[0].index) or real(args))
   report = _build([str(tmp_path)], tmp_path / 'out')
   assert calls == [0, 1, 2]                                 # the cut marker makes shard 0 redone
   _check_counts(report, scale=3)
@@ -497,14 +488,7 @@ def test_rerun_after_a_crash_that_left_partial_files(tmp_path, monkeypatch):
 def test_unreadable_signature_discards_the_partial_build(tmp_path, monkeypatch):
   write_tar(tmp_path / 'a.tar', _records())
   write_tar(tmp_path / 'b.tar', _records())
-  real = shard_writer.process_task
-
-  def crash_on_second(args):
-    if args[0].index == 1:
-      raise KeyboardInterrupt
-    return real(args)
-
-  monkeypatch.setattr(shard_writer, 'process_task', crash_on_second)
+  real = _interrupt_second_shard(monkeypatch)
   with pytest.raises(KeyboardInterrupt):
     _build([str(tmp_path / '*.tar')], tmp_path / 'out')
   (tmp_path / 'out' / 'cc4m' / '_build_train' / 'signature.json').write_text('{"sig')
@@ -652,16 +636,9 @@ def test_a_dead_worker_is_one_error_and_the_rerun_resumes(tmp_path):
 def test_cli_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
   for i in range(2):
     write_tar(tmp_path / f's{i}.tar', _records())
-  real = shard_writer.process_task
-
-  def interrupt_second(args):
-    if args[0].index == 1:
-      raise KeyboardInterrupt
-    return real(args)
-
   argv = ['--input', str(tmp_path / '*.tar'), '--output', str(tmp_path / 'o'), '--num_workers', '1',
           '--max_side', str(MAX_SIDE)]
-  monkeypatch.setattr(shard_writer, 'process_task', interrupt_second)
+  real = _interrupt_second_shard(monkeypatch)
   assert build_cc4m.main(argv) == 130
   assert capsys.readouterr().err.strip().splitlines()[-1] == (
       f'interrupted: finished shards are kept in {tmp_path / "o" / "cc4m" / "_build_train"}; rerun the same '

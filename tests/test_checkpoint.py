@@ -155,6 +155,62 @@ def test_training_checkpoint_meta_carries_the_config_digest(tmp_path, caplog):
   assert [r for r in caplog.records if 'another config than the one that saved it' in r.getMessage()]
 
 
+def test_meta_carries_the_config_and_the_resume_keys_are_classified(tmp_path):
+  config = tiny.get_config()
+  state = {'w': jnp.arange(4.0)}
+  ck = checkpoint.TrainCheckpointer(str(tmp_path / 'checkpoints'), save_every=1, keep=1, async_save=False,
+                                    config=config)
+  assert checkpoint.check_resume(config, str(tmp_path), ck) is None   # no checkpoint: a fresh run
+  ck.save(1, state, {'index': 1}, force=True)
+  meta = ck.read_meta(1)
+  assert meta['config'] == json.loads(checkpoint.config_json(config))
+  assert meta['config_digest'] == checkpoint.config_digest(config)
+  assert checkpoint.check_resume(config, str(tmp_path), ck) == []
+  longer = tiny.get_config()
+  longer.unlock()
+  longer.train.total_steps, longer.mesh, longer.eval.short_side = 3000, (('data', -1), ('fsdp', 2)), 224
+  assert checkpoint.check_resume(longer, str(tmp_path), ck) == [
+      'eval.short_side: 128 -> 224', 'mesh: [["data", -1], ["fsdp", 1]] -> [["data", -1], ["fsdp", 2]]',
+      'train.total_steps: 1500 -> 3000']
+  other = tiny.get_config()
+  other.unlock()
+  other.seed, other.optim.base_lr = 3, 1.0
+  with pytest.raises(errors.UsageError, match=r'may not change optim.base_lr: .* -> 1.0, seed: 0 -> 3 '):
+    checkpoint.check_resume(other, str(tmp_path), ck)
+  ck.close()
+  assert checkpoint.may_change_on_resume('data.data_dir') and checkpoint.may_change_on_resume('sharding.rules')
+  assert not checkpoint.may_change_on_resume('model.vision.width')
+  assert not checkpoint.may_change_on_resume('train.global_batch_size')
+
+
+def test_restore_newest_skips_an_unreadable_step_and_set_aside_keeps_it(tmp_path):
+  state = {'w': jnp.arange(4000.0), 'b': jnp.ones(3)}
+  abstract = jax.eval_shape(lambda: state)
+  ck = checkpoint.TrainCheckpointer(str(tmp_path / 'checkpoints'), save_every=1, keep=5, async_save=False)
+  for step in (1, 2, 3):
+    ck.save(step, jax.tree.map(lambda x, s=step: x * s, state), {'index': step}, force=True)
+  files = [p for p in (tmp_path / 'checkpoints' / '3').rglob('*') if p.is_file()]
+  big = max(files, key=lambda p: p.stat().st_size)
+  big.write_bytes(big.read_bytes()[:big.stat().st_size // 2])
+  with pytest.raises(checkpoint.CheckpointUnreadable, match=r'^checkpoint step 3 in .* is unreadable \('):
+    ck.restore(abstract, 3)
+  step, (restored, data_state, _), bad = ck.restore_newest(lambda s: ck.restore(abstract, s))
+  assert (step, data_state, bad) == (2, {'index': 2}, [3])
+  np.testing.assert_array_equal(restored['w'], np.arange(4000.0) * 2)
+  where = ck.set_aside(bad)
+  assert ck.all_steps() == [1, 2] and (tmp_path / checkpoint.UNREADABLE / '3').is_dir()
+  assert where == str(tmp_path / checkpoint.UNREADABLE)
+  ck.save(3, state, {'index': 3}, force=True)   # the step number is free again
+  assert ck.all_steps() == [1, 2, 3]
+  ck.close()
+  with pytest.raises(errors.UsageError, match=r'does not fit the model .*another shape \(1\): w \(4000,\)'):
+    ck2 = checkpoint.TrainCheckpointer(str(tmp_path / 'checkpoints'), save_every=1, keep=5)
+    try:
+      ck2.restore({'w': jax.ShapeDtypeStruct((5,), jnp.float32), 'b': abstract['b']})
+    finally:
+      ck2.close()
+
+
 def test_write_config_is_the_digested_text(tmp_path):
   config = tiny.get_config()
   checkpoint.write_config(config, str(tmp_path))

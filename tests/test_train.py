@@ -33,26 +33,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_ENV = tf.use_compile_cache()
 
 
-def _source(config, on_fetch=None):
-  """make_batches for train.train; on_fetch(index) runs before batch `index` is produced."""
-  def make(start_state):
-    it = tf.batches(config, start_state)
-    if on_fetch is None:
-      return it
-
-    class Hooked:
-      num_examples = it.num_examples
-
-      def __next__(self):
-        on_fetch(it.index)
-        return next(it)
-
-      def get_state(self):
-        return it.get_state()
-    return Hooked()
-  return make
-
-
 def _final_state(workdir):
   ck = ckpt_lib.TrainCheckpointer(ckpt_lib.train_checkpoint_dir(workdir), save_every=1, keep=0)
   step = ck.latest_step()
@@ -65,7 +45,7 @@ def _final_state(workdir):
 def straight(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('straight'))
   config = tf.small_config()
-  out = train.train(config, workdir, make_batches=_source(config))
+  out = train.train(config, workdir, make_batches=tf.batch_source(config))
   return workdir, out
 
 
@@ -84,7 +64,7 @@ def test_straight_run_writes_config_metrics_and_checkpoints(straight):
   ck.close()
   # re-running a finished workdir resumes, sees step 6 of 6 and returns without compiling
   config = tf.small_config()
-  assert train.train(config, workdir, make_batches=_source(config)) == {'step': 6}
+  assert train.train(config, workdir, make_batches=tf.batch_source(config)) == {'step': 6}
 
 
 def test_kill_and_resume_in_a_new_process_is_bit_exact(straight, tmp_path):
@@ -94,7 +74,7 @@ def test_kill_and_resume_in_a_new_process_is_bit_exact(straight, tmp_path):
   def sigterm_before_step_3(index):
     if index == 2:   # fetching the batch of step 3: SIGTERM arrives mid-run, the trainer saves step 3
       os.kill(os.getpid(), signal.SIGTERM)
-  out = train.train(config, workdir, make_batches=_source(config, sigterm_before_step_3))
+  out = train.train(config, workdir, make_batches=tf.batch_source(config, sigterm_before_step_3))
   assert out['step'] == 3
   assert _final_state(workdir)[0] == 3
 

@@ -68,6 +68,27 @@ def batches(config, start_state=None):
   return train_data.in_memory_batches(config, tok, start_state=start_state)
 
 
+def batch_source(config, on_fetch=None):
+  """`make_batches` for train.train (start_state -> `batches`); on_fetch(index) runs before batch `index` is
+  produced (a test's hook to send a signal or Ctrl-C mid-run)."""
+  def make(start_state):
+    it = batches(config, start_state)
+    if on_fetch is None:
+      return it
+
+    class Hooked:
+      num_examples = it.num_examples
+
+      def __next__(self):
+        on_fetch(it.index)
+        return next(it)
+
+      def get_state(self):
+        return it.get_state()
+    return Hooked()
+  return make
+
+
 # The training tests compile the full step several times (1 device, DP, FSDP, subprocess resumes); XLA's
 # persistent cache makes identical programs (same HLO, flags and jax version) load instead of recompile.
 COMPILE_CACHE = os.path.join(tempfile.gettempdir(), 'ovseg_jax_test_compile_cache')

@@ -133,17 +133,32 @@ def text_config_from_hf(config_json: dict) -> ml_collections.ConfigDict:
     raise ValueError(f"hidden_act={c['hidden_act']!r}: only 'gelu' (exact erf GELU) is implemented")
   if c['position_embedding_type'] != 'absolute':
     raise ValueError(f"position_embedding_type={c['position_embedding_type']!r}: only 'absolute' is implemented")
-  max_position = int(c['max_position_embeddings'])
+  def count(key):
+    value = c[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+      raise ValueError(f'{key}={value!r}: expected a positive integer')
+    return int(value)
+
+  def rate(key):
+    value = c[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+      raise ValueError(f'{key}={value!r}: expected a number in [0, 1)')
+    return float(value)
+
+  max_position = count('max_position_embeddings')
+  width, heads = count('hidden_size'), count('num_attention_heads')
+  if width % heads:
+    raise ValueError(f'hidden_size={width} is not divisible by num_attention_heads={heads}')
   return ml_collections.ConfigDict(dict(
-      vocab_size=int(c['vocab_size']),
-      width=int(c['hidden_size']),
-      num_layers=int(c['num_hidden_layers']),
-      num_heads=int(c['num_attention_heads']),
-      intermediate=int(c['intermediate_size']),
+      vocab_size=count('vocab_size'),
+      width=width,
+      num_layers=count('num_hidden_layers'),
+      num_heads=heads,
+      intermediate=count('intermediate_size'),
       max_position=max_position,
-      type_vocab=int(c['type_vocab_size']),
-      ln_eps=float(c['layer_norm_eps']),
-      dropout=float(c['hidden_dropout_prob']),
+      type_vocab=count('type_vocab_size'),
+      ln_eps=rate('layer_norm_eps'),
+      dropout=rate('hidden_dropout_prob'),
       max_length=min(77, max_position),  # the authors' caption length (docs/paper_vs_authors.md Q5)
   ))
 
@@ -231,8 +246,19 @@ def load_hf_folder(directory: str):
     raise FileNotFoundError(f'expected an HF BERT folder at {directory} (with config.json and {SAFETENSORS})')
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'expected the HF BERT config at {config_path}')
-  with open(config_path) as f:
-    text_config = text_config_from_hf(json.load(f))
+  try:
+    with open(config_path) as f:
+      hf_config = json.load(f)
+  except (OSError, ValueError, RecursionError) as e:   # not JSON, bad UTF-8, absurdly nested
+    raise errors.UsageError(f'{config_path} is not a readable JSON file ({type(e).__name__}: '
+                            f'{(str(e).splitlines() or [""])[0]})') from e
+  if not isinstance(hf_config, dict):
+    raise errors.UsageError(f'{config_path} must hold a JSON object (an HF BertConfig), not a '
+                            f'{type(hf_config).__name__}')
+  try:
+    text_config = text_config_from_hf(hf_config)
+  except (TypeError, ValueError, OverflowError) as e:   # e.g. "hidden_size": "big" or null
+    raise errors.UsageError(f'{config_path}: {(str(e).splitlines() or [type(e).__name__])[0]}') from e
   state, path = read_hf_weights(directory)
   prefix = 'bert.' if any(k.startswith('bert.embeddings.') for k in state) else ''
   params, used = hf_to_params(state, text_config, prefix)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ovseg_jax import errors
 from ovseg_jax.convert import bert as bert_convert
 from ovseg_jax.convert import torch_pickle
 from ovseg_jax.models import ovsegmentor
@@ -191,37 +192,68 @@ def count_indexed(prefix: str, sd: dict) -> int:
   return max(ids) + 1 if ids else 0
 
 
+def _section(value, where: str) -> dict:
+  """A section of the stored authors' config: a mapping ({} when absent); any other type is a UsageError."""
+  if value is None:
+    return {}
+  if not isinstance(value, dict):
+    raise errors.UsageError(f"the checkpoint's stored config: {where} is a {type(value).__name__}, not a mapping")
+  return value
+
+
+def _number(value, where: str, kind=int):
+  """A stored int (> 0) or float (finite, >= 0): the authors' yaml holds plain numbers; a crafted file may
+  hold anything (a bool, a string, a list), which is a UsageError naming the key."""
+  ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+  if ok:
+    x = kind(value)
+    ok = math.isfinite(x) and x == value and (x > 0 if kind is int else x >= 0)
+  if not ok:
+    what = 'a positive integer' if kind is int else 'a finite number >= 0'
+    raise errors.UsageError(f"the checkpoint's stored config: {where}={value!r} is not {what}")
+  return x
+
+
 def infer_model_config(sd: dict, stored: dict | None, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.model` for a checkpoint: every width / depth / count from the tensor shapes; head counts from
   the stored authors' config when present, else from `base` (e.g. configs/vitb.py). Returns an unlocked copy.
+  A tensor of too few dimensions and a stored value of the wrong type are one-line errors naming the key.
   """
-  def need(key):
+  def need(key, ndim=1):
     if key not in sd:
       raise ValueError(f'not an OVSegmentor checkpoint: key {key} is missing')
+    shape = tuple(getattr(sd[key], 'shape', ()))
+    if len(shape) < ndim or 0 in shape:
+      raise errors.UsageError(f'not an OVSegmentor checkpoint: {key} has shape {shape} (expected {ndim}+ '
+                              'non-empty dimensions)')
     return sd[key]
 
   m = ml_collections.ConfigDict(base.to_dict())
-  stored = stored or {}
-  img_cfg = (stored.get('model') or {}).get('img_encoder') or {}
-  pos = need('img_encoder.pos_embed')
+  stored = _section(stored, 'config')
+  img_cfg = _section(_section(stored.get('model'), 'model').get('img_encoder'), 'model.img_encoder')
+  pos = need('img_encoder.pos_embed', 2)
   width = pos.shape[-1]
-  patch = need('img_encoder.patch_embed.proj.weight').shape[-1]
+  patch = need('img_encoder.patch_embed.proj.weight', 4).shape[-1]
   side = int(round(math.sqrt(pos.shape[-2])))
   d1 = count_indexed('img_encoder.layers.0.blocks.', sd)
   d2 = count_indexed('img_encoder.layers.1.blocks.', sd)
   m.vision.stem_channels = ()  # the authors' layout: a plain patch embed (configs/tiny.py adds a stem)
   m.vision.update(width=width, patch_size=patch, img_size=side * patch, depths=(d1, d2),
                   mlp_ratio=need('img_encoder.layers.0.blocks.0.mlp.fc1.weight').shape[0] / width)
-  if img_cfg.get('num_heads'):
-    m.vision.num_heads = int(img_cfg['num_heads'][0])
-  if 'drop_path_rate' in img_cfg:
-    m.vision.drop_path_rate = float(img_cfg['drop_path_rate'])
-  k_in = need('img_encoder.layers.0.group_token').shape[-2]
+  heads = img_cfg.get('num_heads')
+  if isinstance(heads, (list, tuple)):   # the authors store one count per stage
+    heads = heads[0] if heads else None
+  if heads is not None:
+    m.vision.num_heads = _number(heads, 'model.img_encoder.num_heads')
+  if img_cfg.get('drop_path_rate') is not None:
+    m.vision.drop_path_rate = _number(img_cfg['drop_path_rate'], 'model.img_encoder.drop_path_rate', float)
+  k_in = need('img_encoder.layers.0.group_token', 2).shape[-2]
   fc2 = sd.get('img_encoder.layers.0.downsample.mlp_inter.fc2.weight')
   m.binding.num_group_tokens = k_in
-  m.binding.num_output_groups = fc2.shape[0] if fc2 is not None else k_in
   if fc2 is not None:
-    m.binding.token_mlp_ratio = sd['img_encoder.layers.0.downsample.mlp_inter.fc1.weight'].shape[0] / width
+    fc2 = need('img_encoder.layers.0.downsample.mlp_inter.fc2.weight')
+    m.binding.token_mlp_ratio = need('img_encoder.layers.0.downsample.mlp_inter.fc1.weight').shape[0] / width
+  m.binding.num_output_groups = fc2.shape[0] if fc2 is not None else k_in
   m.binding.mode, m.binding.assignment = 'official', 'gumbel_hard'
   hidden = need('img_projector.linear_hidden.0.weight')
   m.proj.hidden = hidden.shape[0]
@@ -229,17 +261,19 @@ def infer_model_config(sd: dict, stored: dict | None, base: ml_collections.Confi
   m.decoder.mlp_ratio = need('multimodal_groupingblock.blocks.0.post_attn.mlp.fc1.weight').shape[0] / width
   m.decoder.attend_padding = True  # the authors' decoder ignores the padding mask (docs/paper_vs_authors.md Q10)
 
-  words = need(TEXT_PREFIX + 'embeddings.word_embeddings.weight')
-  bc = stored.get('bert_config') or {}
+  words = need(TEXT_PREFIX + 'embeddings.word_embeddings.weight', 2)
+  bc = _section(stored.get('bert_config'), 'bert_config')
   m.text.update(vocab_size=words.shape[0], width=words.shape[1],
                 num_layers=count_indexed(TEXT_PREFIX + 'encoder.layer.', sd),
                 intermediate=need(TEXT_PREFIX + 'encoder.layer.0.intermediate.dense.weight').shape[0],
                 max_position=need(TEXT_PREFIX + 'embeddings.position_embeddings.weight').shape[0],
                 type_vocab=need(TEXT_PREFIX + 'embeddings.token_type_embeddings.weight').shape[0])
   if bc:
-    m.text.num_heads = int(bc['num_attention_heads'])
-    m.text.ln_eps = float(bc.get('layer_norm_eps', m.text.ln_eps))
-    m.text.dropout = float(bc.get('hidden_dropout_prob', m.text.dropout))
+    m.text.num_heads = _number(bc.get('num_attention_heads'), 'bert_config.num_attention_heads')
+    if bc.get('layer_norm_eps') is not None:
+      m.text.ln_eps = _number(bc['layer_norm_eps'], 'bert_config.layer_norm_eps', float)
+    if bc.get('hidden_dropout_prob') is not None:
+      m.text.dropout = _number(bc['hidden_dropout_prob'], 'bert_config.hidden_dropout_prob', float)
   m.text.max_length = min(m.text.max_length, m.text.max_position)
   for name, c, heads in (('vision', width, m.vision.num_heads), ('decoder', width, m.decoder.num_heads),
                          ('text', m.text.width, m.text.num_heads)):
