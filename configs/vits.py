@@ -12,7 +12,5 @@ def get_config(arg=None):
   c.model.decoder.num_heads = 6
   common.apply_binding_mode(c, arg.binding)
   common.apply_stage(c, arg.stage)
-  # Bucketed text padding (text_buckets.py): web captions are mostly far below 77 tokens (bench/RESULTS.md).
-  c.data.text_buckets = (16, 24, 32, 48, 64, 77)
   c.lock()
   return c
