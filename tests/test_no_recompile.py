@@ -72,15 +72,21 @@ def test_segment_compiles_nothing_after_warmup():
   assert not seen, f'{len(seen)} XLA compilations after the first image'
 
 
-@pytest.mark.parametrize('mesh', [(('data', -1), ('fsdp', 1)), (('data', 2), ('fsdp', 4))])
-def test_train_steps_compile_nothing_after_the_first(mesh):
-  config = train_fixtures.small_config(mesh=mesh)
+def _sharded_setup(config):
+  """-> (mesh, model, tx, schedule, sharded state, shardings) of a small training config."""
   mesh = sharding.make_mesh(config.mesh, jax.devices())
   model = ts.make_model(config)
   tx, sched = optim.make_optimizer(config.optim, total_steps=config.train.total_steps, warmup_steps=1,
                                    global_batch=config.train.global_batch_size)
   state, shardings = sharding.create_sharded_state(
       lambda r: ts.init_state(config, model, tx, r), mesh, config.sharding, jax.random.key(0))
+  return mesh, model, tx, sched, state, shardings
+
+
+@pytest.mark.parametrize('mesh', [(('data', -1), ('fsdp', 1)), (('data', 2), ('fsdp', 4))])
+def test_train_steps_compile_nothing_after_the_first(mesh):
+  config = train_fixtures.small_config(mesh=mesh)
+  mesh, model, tx, sched, state, shardings = _sharded_setup(config)
   step_fn = ts.jit_train_step(config, model, tx, sched, config.train.total_steps, mesh, shardings)
   batches = train_fixtures.batches(config)
   rng = jax.random.key(1)
@@ -104,12 +110,7 @@ def test_each_text_bucket_compiles_once():
   config.unlock()
   config.data.text_buckets = (12, 16)
   config.lock()
-  mesh = sharding.make_mesh(config.mesh, jax.devices())
-  model = ts.make_model(config)
-  tx, sched = optim.make_optimizer(config.optim, total_steps=config.train.total_steps, warmup_steps=1,
-                                   global_batch=config.train.global_batch_size)
-  state, shardings = sharding.create_sharded_state(
-      lambda r: ts.init_state(config, model, tx, r), mesh, config.sharding, jax.random.key(0))
+  mesh, model, tx, sched, state, shardings = _sharded_setup(config)
   step_fn = ts.jit_train_step(config, model, tx, sched, config.train.total_steps, mesh, shardings,
                               max_traces=2)
   batches = train_fixtures.batches(config)
