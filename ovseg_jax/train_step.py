@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ovseg_jax import device_images
 from ovseg_jax import losses
 from ovseg_jax import matching
 from ovseg_jax import optim
@@ -47,13 +48,23 @@ from ovseg_jax.models import visual
 from ovseg_jax.tokenizer import MASK_ID
 
 OVSegmentor = ovsegmentor.OVSegmentor
-BATCH_KEYS = ('image', 'text_ids', 'text_mask', 'question_ids', 'question_mask', 'answer_ids', 'answer_mask',
-              'cross_image', 'cross_entity_ids', 'cross_entity_mask')
+# The keys of a full (stage-2) batch. The cross keys are read by the mask branch only: a batch of a run
+# without it (stage 1; data/pipeline.py `needs_cross_image`) has none (`required_batch_keys`). Images are
+# uint8 from the pipeline or float32 already normalised (device_images.prepare_images); the pipeline's DeiT
+# recipe adds `image_erase_box` (+ `cross_image_erase_box`) int32 [B, 4].
+CROSS_KEYS = ('cross_image', 'cross_entity_ids', 'cross_entity_mask')
+BATCH_KEYS = ('image', 'text_ids', 'text_mask', 'question_ids', 'question_mask', 'answer_ids',
+              'answer_mask') + CROSS_KEYS
 
 
 def uses_teacher(config: ml_collections.ConfigDict) -> bool:
   """Stage 2, or the paper's single run with the mask loss switching on later: an EMA teacher exists."""
   return config.stage == 2 or (config.recipe == 'paper_single' and config.loss.mask_weight > 0)
+
+
+def required_batch_keys(config: ml_collections.ConfigDict, mask_branch: bool = True) -> tuple[str, ...]:
+  """The BATCH_KEYS a step reads: without CROSS_KEYS when the mask branch does not run."""
+  return BATCH_KEYS if uses_teacher(config) and mask_branch else BATCH_KEYS[:-len(CROSS_KEYS)]
 
 
 def uses_entity(config: ml_collections.ConfigDict) -> bool:
@@ -111,12 +122,18 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
                    mesh=None, return_intermediates: bool = False, mask_branch: bool = True):
   """The official forward_train -> (total loss, (metrics, new batch_stats[, intermediates])).
 
-  batch: BATCH_KEYS arrays of the global batch B (images [B, H, W, 3], ids / masks [B, T]; T may be a
+  batch: `required_batch_keys` arrays of the global batch B (images [B, H, W, 3] uint8 as the pipeline
+    ships them, or float32 already normalised: device_images.prepare_images; ids / masks [B, T]; T may be a
     text bucket shorter than model.text.max_length, text_buckets.py).
   rng: the step key (streams 'dropout' and 'gumbel' are split from it per call).
   mask_branch: False skips the teacher / cross-image / mask-loss branch (the trainer's choice while the
     paper_single lambda is still 0; see `mask_phase_start`).
   """
+  missing = [k for k in required_batch_keys(config, mask_branch) if k not in batch]
+  if missing:
+    raise KeyError(f'the batch lacks {missing} (has {sorted(batch)}); the mask branch needs the cross-image '
+                   'keys, which data/pipeline.py emits when needs_cross_image(config)')
+  batch = device_images.prepare_images(batch, jax.random.fold_in(rng, device_images.RNG_FOLD))
   det = bool(config.train.deterministic)
   counter = iter(range(1 << 20))
 

@@ -7,6 +7,11 @@ mode='pixel', count 1). Every draw comes from the generator passed in, so a reco
 function of (record, seed, global stream position) (data/pipeline.py `example_rng`): resumable and identical
 across host and worker counts.
 
+The workers stop before normalisation: `train_image` returns uint8 pixels (a quarter of float32's bytes on
+the way to the device) and, for the DeiT recipe, the erasing box its generator drew (`erase_box`). The
+device normalises with `NORM_SCALE` / `NORM_OFFSET` and fills the box with N(0, 1) noise
+(ovseg_jax/device_images.py); `normalize` is the same arithmetic on the host (inference tools, benchmarks).
+
 JPEG decoding uses libjpeg's DCT-domain downscaling (`Image.draft`) when the crop is at least twice the
 output size, which makes decode + crop ~3x cheaper at 224 px from 512 px sources; the crop box is mapped
 into the reduced image, so the crop geometry is unchanged.
@@ -65,8 +70,9 @@ def decode_crop_resize(data: bytes, rng: np.random.Generator, size: int, scale, 
   return im
 
 
-_SCALE = (1.0 / IMAGENET_STD).astype(np.float32)
-_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+# (x - mean) / std as x * NORM_SCALE + NORM_OFFSET (2x faster in place; equal to 3e-7); the device uses them too.
+NORM_SCALE = (1.0 / IMAGENET_STD).astype(np.float32)
+NORM_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
 
 
 def normalize(im) -> np.ndarray:
@@ -75,8 +81,8 @@ def normalize(im) -> np.ndarray:
   (x - mean) / std computed as x * (1/std) + (-mean/std) in place (2x faster; equal to 3e-7).
   """
   x = np.array(im, dtype=np.float32)
-  x *= _SCALE
-  x += _OFFSET
+  x *= NORM_SCALE
+  x += NORM_OFFSET
   return x
 
 
@@ -139,24 +145,29 @@ def rand_augment(im, rng: np.random.Generator, num_ops: int = 2, magnitude: floa
   return im
 
 
-def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float = 0.25, area=(0.02, 1 / 3),
-                   log_ratio=(math.log(0.3), math.log(1 / 0.3))) -> np.ndarray:
-  """timm RandomErasing(mode='pixel', max_count=1) on a normalised [H, W, C] image: one box of N(0, 1)."""
+def erase_box(rng: np.random.Generator, height: int, width: int, channels: int = 3, prob: float = 0.25,
+              area=(0.02, 1 / 3), log_ratio=(math.log(0.3), math.log(1 / 0.3))) -> np.ndarray:
+  """The draws of timm RandomErasing(mode='pixel', max_count=1) on a [height, width, channels] image.
+
+  -> int32 [4] (top, left, h, w) of the box to fill with N(0, 1) in normalised space; h = w = 0: no erasing
+  (drawn with probability 1 - prob, or when 10 tries find no box that fits). The box's h x w x channels
+  normals are drawn here too and dropped: the generator then stands where timm's would, so every later draw
+  (the cross-image partner, the answer template) is the one it always was. The device draws the fill
+  (device_images.py).
+  """
   if rng.random() > prob:
-    return x
-  hh, ww, c = x.shape
+    return np.zeros(4, np.int32)
   for _ in range(10):
-    target = rng.uniform(*area) * hh * ww
+    target = rng.uniform(*area) * height * width
     aspect = math.exp(rng.uniform(*log_ratio))
     h = int(round(math.sqrt(target * aspect)))
     w = int(round(math.sqrt(target / aspect)))
-    if w < ww and h < hh:
-      top = int(rng.integers(0, hh - h + 1))
-      left = int(rng.integers(0, ww - w + 1))
-      x = x.copy()
-      x[top:top + h, left:left + w] = rng.standard_normal((h, w, c), dtype=np.float32)
-      return x
-  return x
+    if w < width and h < height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      rng.standard_normal((h, w, channels), dtype=np.float32)   # the fill timm drew here: keeps the stream
+      return np.asarray([top, left, h, w], np.int32)
+  return np.zeros(4, np.int32)
 
 
 def shuffle_channels(im, rng: np.random.Generator):
@@ -171,9 +182,11 @@ def shuffle_channels(im, rng: np.random.Generator):
 
 
 def train_image(data: bytes, rng: np.random.Generator, size: int, *, deit: bool,
-                crop_scale=(0.4, 1.0), channel_shuffle: bool = False) -> np.ndarray:
-  """Encoded image -> augmented, normalised float32 [size, size, 3] (stage-1 DeiT or stage-2 recipe).
+                crop_scale=(0.4, 1.0), channel_shuffle: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+  """Encoded image -> (augmented uint8 [size, size, 3], erase box int32 [4] or None), stage-1 DeiT or
+  stage-2 recipe, before normalisation (the device normalises and erases: device_images.py).
 
+  The box (`erase_box`: top, left, h, w; h = w = 0 for none) comes with the DeiT recipe only.
   channel_shuffle: also permute the RGB channels at random (`shuffle_channels`).
   """
   if deit:
@@ -183,5 +196,5 @@ def train_image(data: bytes, rng: np.random.Generator, size: int, *, deit: bool,
     im = decode_crop_resize(data, rng, size, tuple(crop_scale))
   if channel_shuffle:
     im = shuffle_channels(im, rng)
-  x = normalize(im)
-  return random_erasing(x, rng) if deit else x
+  x = np.array(im, dtype=np.uint8)
+  return x, (erase_box(rng, size, size, x.shape[-1]) if deit else None)

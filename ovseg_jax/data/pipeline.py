@@ -27,6 +27,15 @@ example itself, as in the official pair construction), augmented with its own dr
 'A photo of {e}'. Entity mode 'fixed' pairs and prompts by canonical entity; 'official' by the raw surface
 word and uses the authors' masking quirks.
 
+The partner is read only by the mask branch (`needs_cross_image`): a run that never uses it (stage 1 of the
+authors' recipe) neither reads, decodes nor augments one, and its batch has no cross keys. The partner's draws
+come after the main image's, so the image, caption, masked caption and their draws are the same with and
+without it; only the answer's template prefix (drawn after the partner, when there is one, so that a run
+with partners keeps its stream) comes from another draw (tests/test_device_images.py).
+
+Images leave the workers as uint8, before normalisation; the train step normalises them on the device, and
+fills the stage-1 random-erasing box the worker drew (ovseg_jax/device_images.py; data/augment.py).
+
 A record that fails to read, decode or augment is replaced and counted (`it.counters['skipped_records']`,
 this host's count): position g then takes the example of position g + 1 (then g + 2, ...) with draws of its
 own (attempt t: key (seed, g, t)), so shapes never change, a run never stops on bad data, and the
@@ -34,8 +43,12 @@ replacement is the same on every host count. (Only when more than half of a proc
 is a broken dataset or a bug, does it raise.)
 
 Batch (per host, b = global_batch / process_count, T = config.model.text.max_length, S = image_size):
-  image [b,S,S,3] f32, text_ids / text_mask [b,T] i32, question_ids / question_mask [b,T] i32,
-  answer_ids / answer_mask [b,T] i32, cross_image [b,S,S,3] f32, cross_entity_ids / cross_entity_mask [b,T].
+  image [b,S,S,3] uint8 (augmented, not normalised), text_ids / text_mask [b,T] i32,
+  question_ids / question_mask [b,T] i32, answer_ids / answer_mask [b,T] i32;
+  with the cross-image partner (`needs_cross_image`): cross_image [b,S,S,3] uint8,
+  cross_entity_ids / cross_entity_mask [b,T] i32;
+  with the DeiT recipe (data.deit_aug): image_erase_box (and cross_image_erase_box) [b,4] i32, the random-erasing
+  box (top, left, h, w; h = w = 0: none) that the device fills with N(0, 1) after normalising.
 """
 
 import json
@@ -60,6 +73,13 @@ _MAX_BAD_RATIO, _MIN_CALLS_FOR_RATIO = 0.5, 64
 STATE_VERSION = 2
 
 
+def needs_cross_image(config) -> bool:
+  """Whether the run may use the mask branch, the one reader of the cross-image partner: stage 2, or the
+  paper_single recipe with a mask loss (it switches on late in the run). The same rule as
+  `train_step.uses_teacher` (tests/test_device_images.py checks they agree); the pipeline imports no model."""
+  return config.stage == 2 or (config.recipe == 'paper_single' and config.loss.mask_weight > 0)
+
+
 def dataset_path(config) -> str:
   """The tfds dataset directory of a config, with an actionable error when it is missing."""
   d = config.data
@@ -82,8 +102,10 @@ class ExampleTransform:
 
   def __init__(self, *, path: str, split: str, image_size: int, crop_scale, deit_aug: bool, entity_mode: str,
                vocab: dict, max_length: int, prompt_template: str = entities_lib.CROSS_PROMPT,
-               answer_template: str = '', with_ids: bool = False, channel_shuffle: bool = False):
+               answer_template: str = '', with_ids: bool = False, channel_shuffle: bool = False,
+               cross_image: bool = True):
     self.path, self.split = path, split
+    self.cross_image = bool(cross_image)   # False: no partner is read (`needs_cross_image`)
     self.image_size, self.crop_scale, self.deit_aug = int(image_size), tuple(crop_scale), bool(deit_aug)
     self.entity_mode, self.vocab, self.max_length, self.with_ids = entity_mode, vocab, max_length, with_ids
     self.prompt_template = prompt_template
@@ -123,6 +145,23 @@ class ExampleTransform:
     return augment.train_image(data, rng, self.image_size, deit=self.deit_aug, crop_scale=self.crop_scale,
                                channel_shuffle=self.channel_shuffle)
 
+  def _partner(self, idx: int, data, ents, rng):
+    """-> ((cross image uint8 [S,S,3], its erase box or None), the shared entity, partner index), drawn after
+    the main image's draws."""
+    cross, entity, partner = None, None, -1
+    for _ in range(_PARTNER_TRIES):
+      entity = ents[int(rng.integers(len(ents)))]
+      cands = self._index.get(entity)
+      partner = int(cands[rng.integers(len(cands))]) if cands is not None and len(cands) else int(idx)
+      try:
+        cross = self._image(self._read(partner)[0], rng)
+        break
+      except Exception as e:  # pylint: disable=broad-except  (a bad partner: draw another)
+        self._log(partner, e)
+    if cross is None:
+      cross, partner = self._image(data, rng), int(idx)
+    return cross, entity, partner
+
   def __call__(self, idx, rng: np.random.Generator):
     if self._ex is None:
       with self._lock:  # grain calls from several threads; open once (imports are not thread-safe)
@@ -131,34 +170,32 @@ class ExampleTransform:
     self._calls += 1
     try:
       data, caption, ents = self._read(idx)
-      image = self._image(data, rng)
+      image, box = self._image(data, rng)
       if not ents:
         raise ValueError('record has no entity')
-      cross, entity, partner = None, None, -1
-      for _ in range(_PARTNER_TRIES):
-        entity = ents[int(rng.integers(len(ents)))]
-        cands = self._index.get(entity)
-        partner = int(cands[rng.integers(len(cands))]) if cands is not None and len(cands) else int(idx)
-        try:
-          cross = self._image(self._read(partner)[0], rng)
-          break
-        except Exception as e:  # pylint: disable=broad-except  (a bad partner: draw another)
-          self._log(partner, e)
-      if cross is None:
-        cross, partner = self._image(data, rng), int(idx)
+      if self.cross_image:
+        (cross, cross_box), entity, partner = self._partner(idx, data, ents, rng)
       question, masked = self._ex.mask(caption)
       template_index = int(rng.integers(len(entities_lib.TEMPLATE_PREFIXES)))  # drawn always: same stream
       answer = (self.answer_template.format(' and '.join(masked)) if self.answer_template
                 else self._ex.answer(masked, template_index))
-      ids, mask = self._tok([caption, question, answer, self.prompt_template.format(entity)])
+      texts = [caption, question, answer] + ([self.prompt_template.format(entity)] if self.cross_image else [])
+      ids, mask = self._tok(texts)
     except Exception as e:  # pylint: disable=broad-except  (skip and count any unreadable record)
       self._log(idx, e)
       return {'_bad': np.int64(idx)}
     out = {'image': image, 'text_ids': ids[0], 'text_mask': mask[0], 'question_ids': ids[1],
-           'question_mask': mask[1], 'answer_ids': ids[2], 'answer_mask': mask[2], 'cross_image': cross,
-           'cross_entity_ids': ids[3], 'cross_entity_mask': mask[3]}
+           'question_mask': mask[1], 'answer_ids': ids[2], 'answer_mask': mask[2]}
+    if box is not None:
+      out['image_erase_box'] = box
     if self.with_ids:
-      out['example_id'], out['cross_example_id'] = np.int64(idx), np.int64(partner)
+      out['example_id'] = np.int64(idx)
+    if self.cross_image:
+      out.update(cross_image=cross, cross_entity_ids=ids[3], cross_entity_mask=mask[3])
+      if cross_box is not None:
+        out['cross_image_erase_box'] = cross_box
+      if self.with_ids:
+        out['cross_example_id'] = np.int64(partner)
     return out
 
   def _log(self, idx, e):
@@ -365,11 +402,11 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
 
   config keys used: data.{data_dir, dataset, split, image_size, crop_scale, deit_aug, entity_mode,
   num_workers, read_threads, shuffle_seed, prompt_template, answer_template}, model.text.max_length,
-  train.global_batch_size.
+  train.global_batch_size, and stage, recipe, loss.mask_weight (`needs_cross_image`).
   host_rows: the rows of each global batch this host assembles, ascending (default: the contiguous block
   process_index * b .. + b-1). The trainer passes the rows its devices hold (`sharding.process_batch_rows`),
   which is what `jax.make_array_from_process_local_data` expects.
-  with_ids: add `example_id` / `cross_example_id` int64 [b] (tests and debugging).
+  with_ids: add `example_id` (and with the partner `cross_example_id`) int64 [b] (tests and debugging).
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -410,13 +447,13 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
                                max_length=config.model.text.max_length,
                                prompt_template=d.prompt_template,
                                answer_template=d.answer_template, with_ids=with_ids,
-                               channel_shuffle=d.channel_shuffle)
+                               channel_shuffle=d.channel_shuffle, cross_image=needs_cross_image(config))
   seed = int(d.shuffle_seed)
   order = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)   # stream position -> example index
   key = stream_key(seed)
   threads = int(d.read_threads)
   workers = int(d.num_workers)
-  # a small read-ahead keeps the threads busy; elements are ~1.2 MB at 224 px, so not a whole batch's worth
+  # a small read-ahead keeps the threads busy; elements are <= 0.3 MB at 224 px, so not a whole batch's worth
   read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(8, 8 * threads))
 
   def make_dataset(start: int):
@@ -425,7 +462,7 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
     ds = _WholeBatchesPerWorker(elements, read_options).batch(per_host, drop_remainder=True)
     if workers > 0:
       _ensure_absl_flags_parsed()
-      # each worker assembles whole per-host batches (b x 2 x 0.6 MB at 224 px), so one queued batch each:
+      # each worker assembles whole per-host batches (b x <= 2 x 0.15 MB at 224 px), so one queued batch each:
       # with W workers, W batches are in flight, which is enough read-ahead and bounds host memory
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1),
                           worker_init_fn=_worker_init)
