@@ -19,7 +19,10 @@ It also splits the mIoU loss by stage (pixels at the training size, ignore band 
     per image by cosine k-means into K_out clusters, each labelled with its majority ground truth. It is the
     partition the encoder's features allow with as many groups: far above `oracle groups` means the encoder
     separates the objects and the learned assignment does not use it.
-It also counts the distinct assignment queries per image (`distinct_directions` of the K_out q vectors).
+It also counts the distinct assignment queries per image (`distinct_directions` of the K_out q vectors), and
+prints the binding's health signals (ovseg_jax/group_health.py: token / query cosine, groups used, assignment
+entropy) on the same images, as the train log shows them.
+With `--eval.background=prompt` the `model` stage reads the background prompt instead of the threshold.
 """
 
 import sys
@@ -29,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ovseg_jax import cli
+from ovseg_jax import group_health
 from ovseg_jax import inference
 from ovseg_jax.data import augment
 from ovseg_jax.data import synthetic
@@ -94,16 +98,19 @@ def main(argv=None):
   size, patch = int(seg.model_config.vision.img_size), seg.patch_size
   grid = size // patch
   classes = unit(seg.text_embedding(synthetic.SHAPES))
+  background = (np.asarray(seg.text_embedding((inference.BACKGROUND,)), np.float32)
+                if seg.eval_config.background == 'prompt' else None)
   recall, hits, groups = [], 0, 0
   n_cls = len(synthetic.SHAPES) + 1
   cms = {k: np.zeros((n_cls, n_cls), np.int64) for k in ('model', 'oracle groups', 'oracle fg', 'patch ceiling',
                                                                   'k-means keys')}
-  used, distinct = [], []
+  used, distinct, health = [], [], []
   scale = seg.model.apply(seg.variables, method=OVSegmentor.logit_scale_exp)
   for i in range(a.num_images):
     ex = synthetic.make_example(a.seed, a.split, i, 64, 96)
     x = augment.normalize(Image.fromarray(ex['image']).resize((size, size), Image.BILINEAR))[None]
     out = seg.model.apply(seg.variables, x, train=False, method=OVSegmentor.encode_image)
+    health.append({k: float(v) for k, v in group_health.binding_health(out).items()})
     present = {synthetic.SHAPES.index(o[0]) for o in ex['objects']}
     top = np.argsort(-(classes @ unit(out['image_x'][0])))[:len(present)]
     recall.append(len(present & set(top.tolist())) / len(present))
@@ -117,28 +124,35 @@ def main(argv=None):
         groups += 1
         hits += int(np.argmax(classes @ zg[k]) + 1 == major)
     _score_stages(cms, used, ex['label'], out, zg, classes, scale, size, patch,
-                  float(seg.eval_config.bg_threshold))
+                  float(seg.eval_config.bg_threshold), background)
   off = (classes @ classes.T)[~np.eye(len(classes), dtype=bool)].mean()
   print(f'{a.split} seed {a.seed}, {a.num_images} images: image-level recall {np.mean(recall):.3f}, '
         f'group-level accuracy {hits / max(groups, 1):.3f} over {groups} object groups, '
         f'mean cos between class embeddings {off:.3f}')
   print(f'distinct assignment queries per image (cos < {_SAME_DIRECTION}) {np.mean(distinct):.2f} of '
         f'{seg.model_config.binding.num_output_groups}')
+  print('health: ' + ', '.join(f'{k} {np.mean([h[k] for h in health]):.3f}' for k in group_health.HEALTH_KEYS))
   print(f'groups used per image {np.mean(used):.2f}; mIoU by stage (per class: background, {", ".join(synthetic.SHAPES)}):')
   for name, cm in cms.items():
     iou = np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1) - np.diag(cm), 1)
     print(f'  {name:14s} {100 * iou.mean():5.1f}  {np.round(100 * iou, 1).tolist()}')
 
 
-def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_threshold):
-  """Adds one image to the four confusion matrices of the module docstring (zg: unit group embeddings)."""
+def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_threshold, background=None):
+  """Adds one image to the five confusion matrices of the module docstring (zg: unit group embeddings;
+  background: the [1, P] background prompt embedding for eval.background='prompt', else None)."""
   grid = size // patch
   lab = np.asarray(Image.fromarray(label).resize((size, size), Image.NEAREST)).astype(np.int64)
   valid = lab != synthetic.IGNORE
   owner = np.kron(np.asarray(out['soft'][0]).argmax(0).reshape(grid, grid), np.ones((patch, patch), int))
   used.append(len(np.unique(owner)))
-  logits = inference.eq1_logits(out['soft'], (grid, grid), out['image_feat'], out['image_x'],
-                                np.asarray(classes, np.float32), scale, (size, size), bg_threshold=bg_threshold)
+  if background is None:
+    logits = inference.eq1_logits(out['soft'], (grid, grid), out['image_feat'], out['image_x'],
+                                  np.asarray(classes, np.float32), scale, (size, size), bg_threshold=bg_threshold)
+  else:
+    logits = inference.eq1_logits(out['soft'], (grid, grid), out['image_feat'], out['image_x'],
+                                  np.concatenate([background, np.asarray(classes, np.float32)]), scale,
+                                  (size, size), background_row=True)
   major = np.array([majority(lab[owner == g]) or 0 for g in range(zg.shape[0])])
   best = np.argmax(zg @ classes.T, axis=1) + 1
   blocks = lab.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid, grid, -1)

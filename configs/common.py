@@ -38,12 +38,16 @@ def model_config(*, width: int, depth: int = 12, heads: int = 8, text_width: int
       drop_path_rate=0.1,              # rises linearly over all blocks
   ))
   m.binding = ml_collections.ConfigDict(dict(
-      mode='official',                 # 'official' | 'paper' (sets the three keys below in get_config)
+      mode='official',                 # 'official' | 'paper' | 'slot' (apply_binding_mode sets the keys below)
       num_group_tokens=num_group_tokens,  # K_in: learnable tokens entering the first stage
       num_output_groups=num_output_groups,  # K_out: groups after the binding module
       assignment='gumbel_hard',        # 'gumbel_hard' (official, train) | 'soft' (paper Eq. 4)
       token_mlp_ratio=0.5,             # hidden width of the K_in->K_out token-mixing MLP, x width
       gumbel_tau=1.0,
+      slot_iters=3,                    # 'slot' mode: refinement rounds (models/binding.SlotBinding)
+      slot_cosine=False,               # 'slot' mode: cosine attention with a learned inverse temperature
+      slot_values='context',           # 'slot' mode: the slots pool the ViT tokens ('context') or the patch
+                                       # embeddings ('local': a slot is then only its own patches' content)
   ))
   m.text = ml_collections.ConfigDict(dict(
       vocab_size=vocab_size,
@@ -90,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
       contrast_chunk=0,                # >0: compute InfoNCE in row chunks of this size (memory)
       dice_per_device_batch=128,       # dice_norm='official' = sum over this many samples / K (official
                                        # stage-2 per-GPU batch); 0: the global batch. Mesh-independent.
+      # Not in the paper: the caption's entities matched one-to-one to groups (Hungarian), the other groups to
+      # a background prompt (losses.group_match_loss); 0 = off (the authors' losses only).
+      group_match_weight=0.0,
+      group_match_background_weight=1.0,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -198,7 +206,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def apply_binding_mode(c: ml_collections.ConfigDict, mode: str) -> None:
   """'official': 64 tokens -> token MLP -> 8 groups, Gumbel hard assignment in training.
-  'paper': K = 8 learnable tokens, no token MLP, soft assignment throughout (paper Eq. 3-6)."""
+  'paper': K = 8 learnable tokens, no token MLP, soft assignment throughout (paper Eq. 3-6).
+  'slot': slot attention (binding.SlotBinding; not in the authors' code, docs/paper_vs_authors.md Q32)."""
   if mode == 'official':
     c.model.binding.mode = 'official'
     c.model.binding.assignment = 'gumbel_hard'
@@ -206,8 +215,11 @@ def apply_binding_mode(c: ml_collections.ConfigDict, mode: str) -> None:
     c.model.binding.mode = 'paper'
     c.model.binding.num_group_tokens = c.model.binding.num_output_groups
     c.model.binding.assignment = 'soft'
+  elif mode == 'slot':
+    c.model.binding.mode = 'slot'
+    c.model.binding.num_group_tokens = c.model.binding.num_output_groups
   else:
-    raise ValueError(f"binding={mode!r}: expected 'official' or 'paper'")
+    raise ValueError(f"binding={mode!r}: expected 'official', 'paper' or 'slot'")
 
 
 def apply_stage(c: ml_collections.ConfigDict, stage: int) -> None:

@@ -3,7 +3,7 @@
   python -m ovseg_jax.train --config=configs/tiny.py --workdir=runs/tiny
   python -m ovseg_jax.train --config=configs/tiny.py:ablation=contrast ...   # paper Table 3 rows
 
-Variants: ablation=all|contrast|entity|mask (which losses are on), binding=official|paper, steps=N.
+Variants: ablation=all|contrast|entity|mask (which losses are on), binding=official|paper|slot, steps=N.
 The model is trained from scratch (no DINO/BERT download is possible offline), single run with the mask loss
 switched on for the last quarter (the paper's single-run schedule). Two choices are not the authors' and exist
 for the from-scratch CPU budget: a small conv stem in front of the patch projection, and random RGB channel

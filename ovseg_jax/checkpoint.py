@@ -59,6 +59,9 @@ EXPERIMENTS_TAG = 'experiments/grouping-levers'
 MODEL_KEYS_ADDED = {
     'remat': 'none',                   # rematerialisation of the blocks: a training-memory switch
     'vision.stem_channels': (),        # () = the authors' linear patch embed (the conv stem came later)
+    'binding.slot_iters': 3,           # read only in binding.mode='slot', which older files cannot hold
+    'binding.slot_cosine': False,
+    'binding.slot_values': 'context',
 }
 # Switches that were measured, not adopted and removed (git tag experiments/grouping-levers has them), with
 # the one value today's model implements; None: any value (they only changed the initialisation, or
@@ -75,6 +78,8 @@ MODEL_KEYS_REMOVED = {
 CONFIG_KEYS_ADDED = {
     'data.answer_template': '',        # '' = the authors' random template prefix (what older runs used)
     'data.channel_shuffle': False,
+    'loss.group_match_weight': 0.0,
+    'loss.group_match_background_weight': 1.0,
 }
 CONFIG_KEYS_REMOVED = ('loss.group_diversity_weight', 'loss.group_entity_weight', 'loss.group_entity_bg_weight',
                        'loss.group_entity_vocab', 'loss.group_entity_template')

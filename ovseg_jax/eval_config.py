@@ -16,6 +16,9 @@ def defaults() -> ml_collections.ConfigDict:
       long_side=2048,                  # mmcv imrescale scale (2048, 448): the long side is capped here
       templates='simple',              # 'simple' ("a photo of a {}.") | 'imagenet80'
       bg_threshold=0.95,               # background where max_c logit < min(bg_threshold, max P) (Eq. 1)
+      # 'threshold': Eq. 1's rule above. 'prompt' (not in the paper): "a photo of a background." is one more
+      # class, for models trained with loss.group_match_weight, which teaches it to the unmatched groups.
+      background='threshold',
       top_k=5,                         # classes kept by the image-level filter of Eq. 1
       # PAMR (pamr.py; TCL's inference refinement, not the authors'): refine the window-averaged logits along
       # the image's colour edges before the final resize. TCL's settings: 10 iterations, dilations

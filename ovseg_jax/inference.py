@@ -16,7 +16,9 @@ The pipeline is the authors' (GroupViT's `GroupViTSegInference` inside mmseg 0.1
          logit[c, x] = P[g(x), c]
 
      With a background class, the background logit is 1 where max_c logit[c, x] < min(threshold, max P)
-     and 0 elsewhere, and it is channel 0.
+     and 0 elsewhere, and it is channel 0. With `eval.background='prompt'` (not in the paper; for models
+     trained with `loss.group_match_weight`) the background is instead one more class, the prompt
+     "a photo of a background.", in row 0 of T, exempt from the top-5 filter, and no threshold is used.
   4. Window logits are summed into the resized image and divided by the per-pixel window count, resized
      bilinearly (align_corners=False, no antialias) to the original size, and softmaxed over classes.
 
@@ -47,7 +49,7 @@ from ovseg_jax.normalize import l2_normalize
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 STD = np.array([58.395, 57.12, 57.375], np.float32)
-BACKGROUND = 'background'
+BACKGROUND = prompts.BACKGROUND
 
 
 _TEXT_CHUNK = 256  # prompts per BERT call when building class embeddings (bounds memory for 80 templates)
@@ -130,7 +132,7 @@ def scores_from_logits(logits: np.ndarray, out_hw: tuple[int, int]) -> np.ndarra
 # ------------------------------------------------------------------------------------------------------------
 
 def group_class_affinity(image_feat: jnp.ndarray, image_x: jnp.ndarray, text_emb: jnp.ndarray,
-                         scale: jnp.ndarray, top_k: int = 5) -> jnp.ndarray:
+                         scale: jnp.ndarray, top_k: int = 5, background_row: bool = False) -> jnp.ndarray:
   """Group -> class probabilities of Eq. 1 with the authors' image-level top-k filter.
 
   Args:
@@ -139,6 +141,7 @@ def group_class_affinity(image_feat: jnp.ndarray, image_x: jnp.ndarray, text_emb
     text_emb: [N, P] L2-normalised class embeddings.
     scale: scalar logit scale exp(t), already clamped.
     top_k: classes kept per image (min(top_k, N)).
+    background_row: text_emb[0] is the background prompt: always kept, the top-k runs over the other rows.
   Returns:
     P [B, K, N] = softmax_N over the kept classes of (s Z_g T^T) * softmax_N(s Z_g T^T).
   """
@@ -148,15 +151,19 @@ def group_class_affinity(image_feat: jnp.ndarray, image_x: jnp.ndarray, text_emb
   pre = jax.nn.softmax(group_logits, axis=-1)
   image_prob = jax.nn.softmax(jnp.einsum('bp,np->bn', z, text_emb, precision='highest') * scale, axis=-1)
   n = text_emb.shape[0]
-  _, top = jax.lax.top_k(image_prob, min(top_k, n))                   # [B, k]
+  if background_row:
+    image_prob = image_prob.at[:, 0].set(-1.0)                        # not a competitor of the classes
+  _, top = jax.lax.top_k(image_prob, min(top_k, n - int(background_row)))  # [B, k]
   keep = jax.nn.one_hot(top, n, dtype=jnp.int32).sum(axis=1) > 0       # [B, N]
+  if background_row:
+    keep = keep.at[:, 0].set(True)
   masked = jnp.where(keep[:, None, :], group_logits, -jnp.inf)
   return jax.nn.softmax(masked, axis=-1) * pre
 
 
 def eq1_logits(soft: jnp.ndarray, grid: tuple[int, int], image_feat: jnp.ndarray, image_x: jnp.ndarray,
                text_emb: jnp.ndarray, scale: jnp.ndarray, out_hw: tuple[int, int], *, top_k: int = 5,
-               bg_threshold=None) -> jnp.ndarray:
+               bg_threshold=None, background_row: bool = False) -> jnp.ndarray:
   """Per-window class logits of Eq. 1 (GroupViT `encode_decode`).
 
   Args:
@@ -165,6 +172,8 @@ def eq1_logits(soft: jnp.ndarray, grid: tuple[int, int], image_feat: jnp.ndarray
     image_feat, image_x, text_emb, scale, top_k: see `group_class_affinity`.
     out_hw: (H, W) window size in pixels; the soft maps are upsampled bilinearly (align_corners=False).
     bg_threshold: None (no background channel) or the background threshold (a float or traced scalar).
+    background_row: text_emb[0] is the background prompt (`eval.background='prompt'`): channel 0 is then its
+      P like any class's, and bg_threshold must be None.
   Returns:
     [B, C, H, W] logits, C = N (+1 with the background first): logit[c, x] = P[argmax_k A[k, x], c];
     background = 1 where max_c logit[c, x] < min(bg_threshold, max P), else 0.
@@ -173,7 +182,7 @@ def eq1_logits(soft: jnp.ndarray, grid: tuple[int, int], image_feat: jnp.ndarray
   maps = resize_lib.resize(soft.reshape(b, k, *grid), out_hw, 'bilinear', align_corners=False,
                            spatial_axes=(-2, -1))                     # [B, K, H, W]
   group = jnp.argmax(maps, axis=1)                                    # [B, H, W]
-  p = group_class_affinity(image_feat, image_x, text_emb, scale, top_k)  # [B, K, N]
+  p = group_class_affinity(image_feat, image_x, text_emb, scale, top_k, background_row)  # [B, K, N]
   fg = jnp.moveaxis(p[jnp.arange(b)[:, None, None], group], -1, 1)   # [B, N, H, W]
   if bg_threshold is None:
     return fg
@@ -203,19 +212,20 @@ def default_eval_config(**overrides) -> ml_collections.ConfigDict:
 WINDOW_TRACES = {}
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'top_k', 'with_bg'))
-def _window_step(variables, crops, text_emb, bg_threshold, *, model, top_k, with_bg):
+@functools.partial(jax.jit, static_argnames=('model', 'top_k', 'with_bg', 'bg_prompt'))
+def _window_step(variables, crops, text_emb, bg_threshold, *, model, top_k, with_bg, bg_prompt=False):
   """Eq. 1 on a batch of windows: crops [b, h, w, 3] -> logits [b, C, h, w].
 
   Module-level with the (hashable) model as a static argument, so Segmenters of the same model config
   share compilations.
   """
-  key = (model, *crops.shape[:3], text_emb.shape[0] + int(with_bg), with_bg)
+  key = (model, *crops.shape[:3], text_emb.shape[0] + int(with_bg and not bg_prompt), with_bg)
   WINDOW_TRACES[key] = WINDOW_TRACES.get(key, 0) + 1
   out = model.apply(variables, crops, train=False, method=OVSegmentor.encode_image)
   scale = model.apply(variables, method=OVSegmentor.logit_scale_exp)
   return eq1_logits(out['soft'], tuple(out['grid']), out['image_feat'], out['image_x'], text_emb, scale,
-                    crops.shape[1:3], top_k=top_k, bg_threshold=bg_threshold if with_bg else None)
+                    crops.shape[1:3], top_k=top_k, bg_threshold=bg_threshold if with_bg and not bg_prompt else None,
+                    background_row=with_bg and bg_prompt)
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -282,6 +292,8 @@ class Segmenter:
     if eval_config is None or isinstance(eval_config, dict):
       eval_config = default_eval_config(**(eval_config or {}))  # a plain dict holds overrides
     self.eval_config = eval_config
+    if self.eval_config.background not in ('threshold', 'prompt'):
+      raise ValueError(f"eval.background={self.eval_config.background!r}: expected 'threshold' or 'prompt'")
     if self.eval_config.templates not in prompts.TEMPLATES:
       raise ValueError(f'eval.templates={self.eval_config.templates!r}: expected one of '
                        f'{sorted(prompts.TEMPLATES)}')
@@ -355,13 +367,16 @@ class Segmenter:
     so nothing is padded and at most log2(window_batch) + 1 batch sizes are ever compiled.
     """
     thr = np.float32(self.eval_config.bg_threshold if background_threshold is None else background_threshold)
+    bg_prompt = bool(background) and self.eval_config.background == 'prompt'
+    if bg_prompt:   # the background prompt is class row 0 (eval.background='prompt')
+      text_emb = jnp.concatenate([self.text_embedding((BACKGROUND,)), jnp.asarray(text_emb)], axis=0)
     cap = max(1, int(self.eval_config.window_batch))
     out, start = [], 0
     while start < len(crops):
       n = min(cap, 1 << ((len(crops) - start).bit_length() - 1))
       chunk = np.asarray(crops[start:start + n], np.float32)
       logits = _window_step(self.variables, chunk, text_emb, thr, model=self.model,
-                            top_k=int(self.eval_config.top_k), with_bg=bool(background))
+                            top_k=int(self.eval_config.top_k), with_bg=bool(background), bg_prompt=bg_prompt)
       out.append(np.asarray(logits))
       start += n
     return np.concatenate(out)

@@ -324,6 +324,79 @@ def mask_consistency_loss(online_q: jax.Array, teacher_q: jax.Array, teacher_k: 
       per_device_batch=per_device_batch)
 
 
+# ------------------------------------------------------------------------------- per-group matching
+
+def entity_presence(answer_ids: jax.Array, entity_tokens: jax.Array) -> jax.Array:
+  """Which vocabulary entities an example's prompted-entity answer h(E) names (whole-token match).
+
+  Args:
+    answer_ids: int [B, T] token ids of the answer ("a photo of a circle and star"), which lists every entity
+      the caption names (`EntityExtractor.mask`).
+    entity_tokens: int [V, M] wordpiece ids of each entity name, right-padded with -1.
+  Returns:
+    bool [B, V]: entity v's token sequence occurs somewhere in answer b.
+  """
+  t, m = answer_ids.shape[1], entity_tokens.shape[1]
+  ids = jnp.pad(answer_ids, ((0, 0), (0, m)), constant_values=-2)         # windows may run past the end
+  windows = jnp.stack([ids[:, j:j + t] for j in range(m)], axis=-1)      # [B, T, M]: tokens p .. p+M-1
+  hit = (windows[:, :, None, :] == entity_tokens[None, None]) | (entity_tokens[None, None] < 0)
+  return jnp.any(jnp.all(hit, axis=-1), axis=1)
+
+
+def group_match_loss(group_x: jax.Array, prompt_x: jax.Array, present: jax.Array, logit_scale_exp: jax.Array,
+                     background_weight: float = 1.0,
+                     matcher: str | Callable[[jax.Array], jax.Array] = 'dp') -> tuple[jax.Array, dict]:
+  """Exclusive group <-> entity matching (not in the paper; config.loss.group_match_weight).
+
+  Eq. 7-9 supervise only the mean of the K groups, yet Eq. 1 classifies each group on its own. Classifying
+  every entity's best group (no exclusivity) was met by writing the caption into any group (bench/RESULTS.md
+  "A per-group signal from the captions"). Here the caption's entities are matched one-to-one to groups, and
+  every other group must be background, so one group per named object has to carry it:
+      P_bk   = softmax_v(s z_bk . t_v),  v over the V entity prompts and the background prompt t_bg
+      sigma  = argmin over one-to-one maps entity e -> group k of sum_e -log P_{b sigma(e)}[e]   (Hungarian)
+      y_bk   = e if k = sigma(e), else bg
+      L      = mean_{matched} -log P_bk[y_bk] + background_weight * mean_{unmatched} -log P_bk[bg]
+
+  Args:
+    group_x: [B, K, P] projected group embeddings (image_feat).
+    prompt_x: [V + 1, P] projected prompt embeddings: the V vocabulary entities, then the background prompt.
+    present: bool [B, V] entities the caption names (`entity_presence`); at most K per image are matched.
+    logit_scale_exp: scalar s (the shared, clamped temperature of Eq. 7).
+    background_weight: weight of the unmatched groups' background term.
+    matcher: 'dp' | 'scipy' | a callable [B, K, K] cost -> [B, K] cols (matching.assign).
+  Returns:
+    (scalar loss, dict(accuracy: matched groups whose argmax is their entity, background_accuracy: unmatched
+    groups whose argmax is background)).
+  """
+  b, k, _ = group_x.shape
+  v = prompt_x.shape[0] - 1
+  zg = l2_normalize(group_x.astype(jnp.float32))
+  zt = l2_normalize(prompt_x.astype(jnp.float32))
+  logits = jnp.asarray(logit_scale_exp, jnp.float32) * jnp.einsum('bkp,vp->bkv', zg, zt, precision=_HIGHEST)
+  logp = jax.nn.log_softmax(logits, axis=-1)                               # [B, K, V + 1]
+  # The caption's entities first (stable order), padded to K columns: entity index and validity per column.
+  order = jnp.argsort(~present, axis=1, stable=True)
+  if v < k:
+    order = jnp.pad(order, ((0, 0), (0, k - v)))
+  cols_entity = order[:, :k]                                                  # [B, K]
+  cols_valid = jnp.arange(k)[None, :] < jnp.sum(present, axis=1, keepdims=True)   # [B, K]
+  # cost[b, group, column] = -log P[b, group, entity of column]; a padding column costs 0 for every group.
+  cost = -jnp.take_along_axis(logp, jnp.broadcast_to(cols_entity[:, None, :], (b, k, k)), axis=2)
+  cost = jnp.where(cols_valid[:, None, :], cost, 0.0)
+  match = _resolve_matcher(matcher)(jax.lax.stop_gradient(cost))           # [B, K]: group -> column
+  matched = jnp.take_along_axis(cols_valid, match, axis=1)                 # [B, K] bool
+  target = jnp.where(matched, jnp.take_along_axis(cols_entity, match, axis=1), v)
+  nll = -jnp.take_along_axis(logp, target[..., None], axis=2)[..., 0]      # [B, K]
+  w_obj = matched.astype(jnp.float32)
+  w_bg = 1.0 - w_obj
+  loss = (jnp.sum(w_obj * nll) / jnp.maximum(jnp.sum(w_obj), 1.0)
+          + background_weight * jnp.sum(w_bg * nll) / jnp.maximum(jnp.sum(w_bg), 1.0))
+  correct = (jnp.argmax(logits, axis=-1) == target).astype(jnp.float32)
+  aux = {'accuracy': jnp.sum(w_obj * correct) / jnp.maximum(jnp.sum(w_obj), 1.0),
+         'background_accuracy': jnp.sum(w_bg * correct) / jnp.maximum(jnp.sum(w_bg), 1.0)}
+  return loss, aux
+
+
 # --------------------------------------------------------------------------------------------- total
 
 def paper_single_mask_start(total_steps: int, mask_start_fraction: float) -> int:
@@ -359,8 +432,10 @@ def mask_loss_weight(step: jax.Array | int, total_steps: int, recipe: str, mask_
 
 
 def total_loss(contrast: jax.Array, entity: jax.Array, mask: jax.Array | None, *,
-               entity_weight: float = 1.0, mask_lambda: jax.Array | float = 0.0) -> jax.Array:
-  """L_total = L_contrast + entity_weight * L_entity + lambda * L_mask (paper Eq. 13; official L705-710).
+               entity_weight: float = 1.0, mask_lambda: jax.Array | float = 0.0,
+               group_match: jax.Array | None = None, group_match_weight: float = 0.0) -> jax.Array:
+  """L_total = L_contrast + entity_weight * L_entity + lambda * L_mask (paper Eq. 13; official L705-710)
+  [+ group_match_weight * L_match, `group_match_loss`, not in the paper].
 
   `mask=None` (no teacher in stage 1) drops the term; otherwise it is added as lambda * L_mask even when
   lambda is 0 (so a NaN in L_mask is not hidden).
@@ -368,4 +443,6 @@ def total_loss(contrast: jax.Array, entity: jax.Array, mask: jax.Array | None, *
   total = contrast + entity_weight * entity
   if mask is not None:
     total = total + mask_lambda * mask
+  if group_match is not None:
+    total = total + group_match_weight * group_match
   return total

@@ -5,7 +5,11 @@ inference (inference.py) averages the class embedding over the templates `eval.t
 """
 
 # The authors' segmentation prompt (`template: simple`).
-SIMPLE_TEMPLATES = ('a photo of a {}.',)
+SIMPLE_TEMPLATE = 'a photo of a {}.'
+SIMPLE_TEMPLATES = (SIMPLE_TEMPLATE,)
+# The class name of the background prompt: what `loss.group_match_weight` trains the unmatched groups to and
+# `eval.background='prompt'` reads (not in the paper, whose Eq. 1 thresholds instead).
+BACKGROUND = 'background'
 
 # CLIP's 80 ImageNet prompt templates (GroupViT's `full_imagenet_templates`, in that order).
 IMAGENET_TEMPLATES = (

@@ -181,6 +181,12 @@ def progress_line(step: int, total_steps: int, m: dict[str, float]) -> str:
   """The console line of a log step: losses and lr, then speed, ETA and MFU when `m` has `throughput`'s."""
   line = (f'step {step}/{total_steps} | loss {m["loss"]:.4f} (contrast {m["loss_contrast"]:.4f} '
           f'entity {m["loss_entity"]:.4f} mask {m["loss_mask"]:.4f}) | lr {m["lr"]:.2e}')
+  if 'loss_group_match' in m:
+    line += (f' | match {m["loss_group_match"]:.4f} acc {m["group_match_acc"]:.2f} '
+             f'bg {m["group_match_bg_acc"]:.2f}')
+  if 'groups_used' in m:   # group_health: a collapse shows here long before an evaluation does
+    line += (f' | groups {m["groups_used"]:.2f} cos tok {m["token_cosine"]:.2f} q {m["query_cosine"]:.2f} '
+             f'H {m["assign_entropy"]:.2f}')
   if 'step_seconds' in m:
     line += (f' | {m["img_per_s"]:.1f} img/s ({m["img_per_s_per_device"]:.2f}/dev) | '
              f'ETA {fmt_eta((total_steps - step) * m["step_seconds"])} | MFU {100 * m["mfu"]:.1f}%')

@@ -35,12 +35,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from ovseg_jax import device_images
+from ovseg_jax import group_health
 from ovseg_jax import losses
 from ovseg_jax import matching
 from ovseg_jax import optim
+from ovseg_jax import prompts
 from ovseg_jax import sharding as sharding_lib
 from ovseg_jax import text_buckets
 from ovseg_jax.models import ovsegmentor
@@ -69,6 +72,24 @@ def required_batch_keys(config: ml_collections.ConfigDict, mask_branch: bool = T
 
 def uses_entity(config: ml_collections.ConfigDict) -> bool:
   return config.loss.entity_weight > 0
+
+
+@functools.lru_cache(maxsize=8)
+def _match_prompt_arrays(dataset: str, max_length: int):
+  """(prompt ids [V + 1, T], prompt mask [V + 1, T], name tokens [V, M] padded with -1) of the dataset's entity
+  vocabulary, then the background, each as "a photo of a {}." (`losses.group_match_loss`)."""
+  from ovseg_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from ovseg_jax.data import entities as entities_lib  # pylint: disable=g-import-not-at-top
+  names = entities_lib.get_vocabulary(entities_lib.dataset_vocabulary(dataset)).canonical
+  tok = tokenizer_lib.get_tokenizer(max_length=max_length)
+  ids, mask = tok([prompts.SIMPLE_TEMPLATE.format(n) for n in (*names, prompts.BACKGROUND)])
+  name_ids, name_mask = tok(list(names), padding='longest')
+  # Drop [CLS] and [SEP]: the name's wordpieces alone, as they appear inside the answer sentence.
+  pieces = [row[1:int(m.sum()) - 1] for row, m in zip(name_ids, name_mask)]
+  tokens = np.full((len(names), max(len(p) for p in pieces)), -1, np.int32)
+  for i, p in enumerate(pieces):
+    tokens[i, :len(p)] = p
+  return ids, mask, tokens
 
 
 def train_model_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
@@ -200,8 +221,23 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
     inter.update(group_logits=group_logits, cols=aux['cols'], detached=aux['detached'],
                  mask_online=aux['online_logits'], mask_teacher=aux['teacher_logits'])
 
+  # Not in the paper (config.loss.group_match_weight, default 0): the caption's entities matched one-to-one to
+  # groups, the other groups to a background prompt. The prompts are no batch: text BN in eval mode.
+  l_match = None
+  if config.loss.group_match_weight:
+    p_ids, p_mask, name_tokens = _match_prompt_arrays(config.data.dataset, int(config.model.text.max_length))
+    prompt_txt, _ = call(bs, OVSegmentor.encode_text, jnp.asarray(p_ids), jnp.asarray(p_mask), False)
+    present = losses.entity_presence(batch['answer_ids'], jnp.asarray(name_tokens))
+    l_match, match_aux = losses.group_match_loss(
+        img['image_feat'], prompt_txt['text_x'], present, scale, config.loss.group_match_background_weight,
+        _matcher(config, mesh))
+    metrics.update(loss_group_match=l_match, group_match_acc=match_aux['accuracy'],
+                   group_match_bg_acc=match_aux['background_accuracy'])
+  metrics.update(group_health.binding_health(img))
+
   total = losses.total_loss(l_contrast, l_entity, l_mask, entity_weight=config.loss.entity_weight,
-                            mask_lambda=lam)
+                            mask_lambda=lam, group_match=l_match,
+                            group_match_weight=config.loss.group_match_weight)
   valid = jnp.maximum(jnp.sum(batch['question_mask']), 1)
   metrics.update(
       loss=total, loss_contrast=l_contrast, loss_entity=l_entity,

@@ -32,7 +32,8 @@ class VisualEncoder(nn.Module):
     """images [B, H, W, 3] normalised NHWC.
 
     Returns dict: `x` [B, K_out, C] groups after the final LN, `soft` / `hard` [B, K_out, L] (L = h*w,
-    row-major), `q` [B, K_out, C], `k` [B, L, C], `assign_query`, `assign_key`, `grid` = (h, w) python ints.
+    row-major), `q` [B, K_out, C], `k` [B, L, C], `assign_query`, `assign_key`, `slots_init` [B, K, C] (the
+    group tokens after stage 1, or the drawn slots s_0 in 'slot' mode), `grid` = (h, w) python ints.
     `train` enables drop-path and Gumbel noise; `deterministic` turns both off while keeping train mode.
     """
     vc, bc = self.config.vision, self.config.binding
@@ -51,16 +52,26 @@ class VisualEncoder(nn.Module):
     x = x + vit.resize_pos_embed(pos, grid).astype(dtype)[None]
     b, num_patches = x.shape[0], x.shape[1]
 
-    tokens = self.param('group_token', vit.INIT, (bc.num_group_tokens, width), jnp.float32)
-    x = vit.constrain_batch(jnp.concatenate([x, jnp.broadcast_to(tokens.astype(dtype), (b,) + tokens.shape)],
-                                            axis=1))
-    for i in range(d1):
-      x = vit.constrain_batch(block(i, f'stage1_block{i}')(x, stochastic))
-    x, groups = x[:, :num_patches], x[:, num_patches:]
-
-    out = binding_lib.GroupingBlock(
-        bc.num_output_groups, vc.num_heads, bc.assignment, bc.gumbel_tau, bc.token_mlp_ratio, vc.mlp_ratio,
-        vc.qkv_bias, vc.ln_eps, dtype, name='binding')(x, groups, train, deterministic)
+    if bc.mode == 'slot':  # slots are drawn inside the binding: no group tokens in the stage-1 blocks
+      if bc.slot_values not in ('local', 'context'):
+        raise ValueError(f"model.binding.slot_values={bc.slot_values!r}: expected 'local' or 'context'")
+      local = x - vit.resize_pos_embed(pos, grid).astype(dtype)[None]   # the patch embeddings alone
+      for i in range(d1):
+        x = vit.constrain_batch(block(i, f'stage1_block{i}')(x, stochastic))
+      out = binding_lib.SlotBinding(bc.num_output_groups, bc.slot_iters, bc.slot_cosine, bc.assignment,
+                                    bc.gumbel_tau, vc.mlp_ratio, vc.qkv_bias, vc.ln_eps, dtype, name='binding')(
+                                        x, local if bc.slot_values == 'local' else None, train, deterministic)
+    else:
+      tokens = self.param('group_token', vit.INIT, (bc.num_group_tokens, width), jnp.float32)
+      x = vit.constrain_batch(jnp.concatenate(
+          [x, jnp.broadcast_to(tokens.astype(dtype), (b,) + tokens.shape)], axis=1))
+      for i in range(d1):
+        x = vit.constrain_batch(block(i, f'stage1_block{i}')(x, stochastic))
+      x, groups = x[:, :num_patches], x[:, num_patches:]
+      out = binding_lib.GroupingBlock(
+          bc.num_output_groups, vc.num_heads, bc.assignment, bc.gumbel_tau, bc.token_mlp_ratio, vc.mlp_ratio,
+          vc.qkv_bias, vc.ln_eps, dtype, name='binding')(x, groups, train, deterministic)
+      out['slots_init'] = groups   # the group tokens after stage 1 (their cosine is a health signal)
     g = out.pop('x')
     for j in range(d2):
       g = vit.constrain_batch(block(d1 + j, f'stage2_block{j}')(g, stochastic))
