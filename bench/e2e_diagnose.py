@@ -146,13 +146,11 @@ def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_thr
   valid = lab != synthetic.IGNORE
   owner = np.kron(np.asarray(out['soft'][0]).argmax(0).reshape(grid, grid), np.ones((patch, patch), int))
   used.append(len(np.unique(owner)))
-  if background is None:
-    logits = inference.eq1_logits(out['soft'], (grid, grid), out['image_feat'], out['image_x'],
-                                  np.asarray(classes, np.float32), scale, (size, size), bg_threshold=bg_threshold)
-  else:
-    logits = inference.eq1_logits(out['soft'], (grid, grid), out['image_feat'], out['image_x'],
-                                  np.concatenate([background, np.asarray(classes, np.float32)]), scale,
-                                  (size, size), background_row=True)
+  prompt_bg = background is not None   # the background prompt is text row 0, else Eq. 1's threshold
+  text = np.asarray(classes, np.float32)
+  logits = inference.eq1_logits(out['soft'], (grid, grid), out['image_feat'], out['image_x'],
+                                np.concatenate([background, text]) if prompt_bg else text, scale, (size, size),
+                                bg_threshold=None if prompt_bg else bg_threshold, background_row=prompt_bg)
   major = np.array([majority(lab[owner == g]) or 0 for g in range(zg.shape[0])])
   best = np.argmax(zg @ classes.T, axis=1) + 1
   blocks = lab.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid, grid, -1)

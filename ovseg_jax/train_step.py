@@ -44,6 +44,7 @@ from ovseg_jax import losses
 from ovseg_jax import matching
 from ovseg_jax import optim
 from ovseg_jax import prompts
+from ovseg_jax import recipe
 from ovseg_jax import sharding as sharding_lib
 from ovseg_jax import text_buckets
 from ovseg_jax.models import ovsegmentor
@@ -60,9 +61,7 @@ BATCH_KEYS = ('image', 'text_ids', 'text_mask', 'question_ids', 'question_mask',
               'answer_mask') + CROSS_KEYS
 
 
-def uses_teacher(config: ml_collections.ConfigDict) -> bool:
-  """Stage 2, or the paper's single run with the mask loss switching on later: an EMA teacher exists."""
-  return config.stage == 2 or (config.recipe == 'paper_single' and config.loss.mask_weight > 0)
+uses_teacher = recipe.uses_teacher   # stage 2, or paper_single with a mask loss: an EMA teacher exists
 
 
 def required_batch_keys(config: ml_collections.ConfigDict, mask_branch: bool = True) -> tuple[str, ...]:

@@ -60,6 +60,7 @@ import grain
 import numpy as np
 
 from ovseg_jax import fileio
+from ovseg_jax import recipe
 from ovseg_jax.data import augment
 from ovseg_jax.data import entities as entities_lib
 from ovseg_jax.data import tfds_builder
@@ -74,10 +75,9 @@ STATE_VERSION = 2
 
 
 def needs_cross_image(config) -> bool:
-  """Whether the run may use the mask branch, the one reader of the cross-image partner: stage 2, or the
-  paper_single recipe with a mask loss (it switches on late in the run). The same rule as
-  `train_step.uses_teacher` (tests/test_device_images.py checks they agree); the pipeline imports no model."""
-  return config.stage == 2 or (config.recipe == 'paper_single' and config.loss.mask_weight > 0)
+  """Whether the run may use the mask branch, the one reader of the cross-image partner (`recipe.uses_teacher`,
+  the rule train_step reads too: stage 2, or paper_single with a mask loss, which switches on late)."""
+  return recipe.uses_teacher(config)
 
 
 def dataset_path(config) -> str:
