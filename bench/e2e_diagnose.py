@@ -18,7 +18,9 @@ It also splits the mIoU loss by stage (pixels at the training size, ignore band 
   * `k-means keys`: the binding's patch keys (`k`, what Eq. 4 compares with the group queries) clustered
     per image by cosine k-means into K_out clusters, each labelled with its majority ground truth. It is the
     partition the encoder's features allow with as many groups: far above `oracle groups` means the encoder
-    separates the objects and the learned assignment does not use it.
+    separates the objects and the learned assignment does not use it;
+  * `patch head` (models with `model.patch_head`): every patch labelled by its own projected token's best row
+    among the background prompt and the classes (what `loss.patch_ground_weight` trains).
 It also counts the distinct assignment queries per image (`distinct_directions` of the K_out q vectors), and
 prints the binding's health signals (ovseg_jax/group_health.py: token / query cosine, groups used, assignment
 entropy) on the same images, as the train log shows them.
@@ -98,12 +100,14 @@ def main(argv=None):
   size, patch = int(seg.model_config.vision.img_size), seg.patch_size
   grid = size // patch
   classes = unit(seg.text_embedding(synthetic.SHAPES))
-  background = (np.asarray(seg.text_embedding((inference.BACKGROUND,)), np.float32)
-                if seg.eval_config.background == 'prompt' else None)
+  bg_prompt = np.asarray(seg.text_embedding((inference.BACKGROUND,)), np.float32)
+  background = bg_prompt if seg.eval_config.background == 'prompt' else None
+  patch_head = bool(seg.model_config.patch_head)
   recall, hits, groups = [], 0, 0
   n_cls = len(synthetic.SHAPES) + 1
-  cms = {k: np.zeros((n_cls, n_cls), np.int64) for k in ('model', 'oracle groups', 'oracle fg', 'patch ceiling',
-                                                                  'k-means keys')}
+  stages = ('model', 'oracle groups', 'oracle fg', 'patch ceiling', 'k-means keys') + (
+      ('patch head',) if patch_head else ())
+  cms = {k: np.zeros((n_cls, n_cls), np.int64) for k in stages}
   used, distinct, health = [], [], []
   scale = seg.model.apply(seg.variables, method=OVSegmentor.logit_scale_exp)
   for i in range(a.num_images):
@@ -124,7 +128,7 @@ def main(argv=None):
         groups += 1
         hits += int(np.argmax(classes @ zg[k]) + 1 == major)
     _score_stages(cms, used, ex['label'], out, zg, classes, scale, size, patch,
-                  float(seg.eval_config.bg_threshold), background)
+                  float(seg.eval_config.bg_threshold), background, unit(bg_prompt[0]) if patch_head else None)
   off = (classes @ classes.T)[~np.eye(len(classes), dtype=bool)].mean()
   print(f'{a.split} seed {a.seed}, {a.num_images} images: image-level recall {np.mean(recall):.3f}, '
         f'group-level accuracy {hits / max(groups, 1):.3f} over {groups} object groups, '
@@ -138,9 +142,11 @@ def main(argv=None):
     print(f'  {name:14s} {100 * iou.mean():5.1f}  {np.round(100 * iou, 1).tolist()}')
 
 
-def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_threshold, background=None):
-  """Adds one image to the five confusion matrices of the module docstring (zg: unit group embeddings;
-  background: the [1, P] background prompt embedding for eval.background='prompt', else None)."""
+def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_threshold, background=None,
+                  patch_background=None):
+  """Adds one image to the confusion matrices of the module docstring (zg: unit group embeddings;
+  background: the [1, P] background prompt embedding for eval.background='prompt', else None;
+  patch_background: the unit [P] background prompt for the 'patch head' stage, None without model.patch_head)."""
   grid = size // patch
   lab = np.asarray(Image.fromarray(label).resize((size, size), Image.NEAREST)).astype(np.int64)
   valid = lab != synthetic.IGNORE
@@ -162,6 +168,10 @@ def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_thr
            'oracle fg': np.where(major[owner] > 0, best[owner], 0),
            'patch ceiling': np.kron(patch_major, np.ones((patch, patch), int)),
            'k-means keys': cluster_major[clusters]}
+  if patch_background is not None:   # each patch's own class among the background prompt and the classes
+    rows = np.concatenate([patch_background[None], classes])
+    patch_cls = np.argmax(unit(np.asarray(out['patch_x'][0])) @ rows.T, axis=1).reshape(grid, grid)
+    preds['patch head'] = np.kron(patch_cls, np.ones((patch, patch), int))
   for name, pred in preds.items():
     np.add.at(cms[name], (lab[valid], pred[valid]), 1)
 

@@ -63,6 +63,9 @@ def model_config(*, width: int, depth: int = 12, heads: int = 8, text_width: int
   ))
   m.proj = ml_collections.ConfigDict(dict(hidden=proj_hidden, out=proj_out, bn_momentum=0.9,
                                           bn_eps=1e-5))
+  # Not in the paper: a projection head on the stage-1 patch tokens, trained by loss.patch_ground_weight
+  # (losses.patch_grounding_loss). False = the authors' model (no such head).
+  m.patch_head = False
   m.decoder = ml_collections.ConfigDict(dict(
       num_heads=heads,
       mlp_ratio=4.0,
@@ -98,6 +101,14 @@ def base_config() -> ml_collections.ConfigDict:
       # a background prompt (losses.group_match_loss); 0 = off (the authors' losses only).
       group_match_weight=0.0,
       group_match_background_weight=1.0,
+      # Not in the paper: patch-level grounding (losses.patch_grounding_loss, needs model.patch_head). Each
+      # patch is classified among the entity prompts and a background prompt; a multiple-instance loss ties
+      # the top patches of each class to the caption's entities, each group is trained towards its own
+      # patches' classes (distill), and Eq. 4 towards grouping patches of one class (purity). 0 = off.
+      patch_ground_weight=0.0,
+      patch_top_k=4,                   # patches averaged per class for the image-level score
+      patch_distill_weight=1.0,
+      patch_purity_weight=1.0,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

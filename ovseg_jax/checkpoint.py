@@ -62,6 +62,7 @@ MODEL_KEYS_ADDED = {
     'binding.slot_iters': 3,           # read only in binding.mode='slot', which older files cannot hold
     'binding.slot_cosine': False,
     'binding.slot_values': 'context',
+    'patch_head': False,
 }
 # Switches that were measured, not adopted and removed (git tag experiments/grouping-levers has them), with
 # the one value today's model implements; None: any value (they only changed the initialisation, or
@@ -80,6 +81,10 @@ CONFIG_KEYS_ADDED = {
     'data.channel_shuffle': False,
     'loss.group_match_weight': 0.0,
     'loss.group_match_background_weight': 1.0,
+    'loss.patch_ground_weight': 0.0,
+    'loss.patch_top_k': 4,
+    'loss.patch_distill_weight': 1.0,
+    'loss.patch_purity_weight': 1.0,
 }
 CONFIG_KEYS_REMOVED = ('loss.group_diversity_weight', 'loss.group_entity_weight', 'loss.group_entity_bg_weight',
                        'loss.group_entity_vocab', 'loss.group_entity_template')

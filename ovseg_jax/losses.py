@@ -397,6 +397,69 @@ def group_match_loss(group_x: jax.Array, prompt_x: jax.Array, present: jax.Array
   return loss, aux
 
 
+# ------------------------------------------------------------------------------- patch-level grounding
+
+def patch_grounding_loss(patch_x: jax.Array, group_x: jax.Array, soft: jax.Array, prompt_x: jax.Array,
+                         present: jax.Array, logit_scale_exp: jax.Array, top_k: int = 4,
+                         distill_weight: float = 1.0, purity_weight: float = 1.0) -> tuple[jax.Array, dict]:
+  """Patch-level grounding from the caption's entities (not in the paper; config.loss.patch_ground_weight).
+
+  Eq. 7-9 never say which patches an entity is; Eq. 1 needs exactly that. Each patch is classified among the
+  V entity prompts and a background prompt, weakly supervised by which entities the caption names (multiple
+  instance learning: an entity the caption names is some patches, an entity it does not name is none), and the
+  groups and their assignment are trained from those patch classes:
+      p_bl   = softmax_v(s z_bl . t_v)                         [B, L, V + 1]  patch classes
+      y_bv   = mean of the top_k largest p_blv over l          image-level score of class v
+      L_mil  = BCE(y_bv, [v named by the caption]); the background counts as always present
+      c_bk   = sum_l A_bkl sg(p_bl) / sum_l A_bkl               the class mix of group k's patches (A: Eq. 4)
+      L_dist = sum_k (sum_l A_bkl / L) CE(sg(c_bk), softmax_v(s z_bk . t_v))   each group, its own patches
+      L_pur  = mean_bl sum_k A_bkl CE(sg(p_bl), c_bk)          Eq. 4 groups patches of one class together
+      L      = L_mil + distill_weight L_dist + purity_weight L_pur
+  A group's target comes from its own patches, so it cannot be met by writing the caption into every group.
+
+  Args:
+    patch_x: [B, L, P] projected stage-1 patch tokens (model.patch_head).
+    group_x: [B, K, P] projected group embeddings (image_feat).
+    soft: [B, K, L] the soft assignment of Eq. 4 (softmax over the groups).
+    prompt_x: [V + 1, P] projected prompts: the V vocabulary entities, then the background prompt.
+    present: bool [B, V] entities the caption names (`entity_presence`).
+    logit_scale_exp: scalar s (the shared, clamped temperature of Eq. 7).
+  Returns:
+    (scalar loss, dict(mil, distill, purity, foreground_share: patches whose argmax is an entity,
+    group_agreement: groups whose argmax class is their patches' majority class, weighted by size)).
+  """
+  b, num_patches, _ = patch_x.shape
+  scale = jnp.asarray(logit_scale_exp, jnp.float32)
+  zt = l2_normalize(prompt_x.astype(jnp.float32))
+  patch_logits = scale * jnp.einsum('blp,vp->blv', l2_normalize(patch_x.astype(jnp.float32)), zt,
+                                    precision=_HIGHEST)
+  p = jax.nn.softmax(patch_logits, axis=-1)                                 # [B, L, V + 1]
+  top = jax.lax.top_k(jnp.swapaxes(p, 1, 2), min(top_k, num_patches))[0]    # [B, V + 1, k]
+  score = jnp.clip(jnp.mean(top, axis=-1), 1e-6, 1.0 - 1e-6)
+  target = jnp.concatenate([present.astype(jnp.float32), jnp.ones((b, 1), jnp.float32)], axis=1)
+  mil = -jnp.mean(target * jnp.log(score) + (1.0 - target) * jnp.log1p(-score))
+
+  a = soft.astype(jnp.float32)
+  p_sg = jax.lax.stop_gradient(p)
+  mass = jnp.sum(a, axis=-1)                                                 # [B, K]
+  mix = jnp.einsum('bkl,blv->bkv', a, p_sg, precision=_HIGHEST) / (mass[..., None] + 1e-6)
+  group_logits = scale * jnp.einsum('bkp,vp->bkv', l2_normalize(group_x.astype(jnp.float32)), zt,
+                                    precision=_HIGHEST)
+  group_logp = jax.nn.log_softmax(group_logits, axis=-1)
+  share = jax.lax.stop_gradient(mass) / num_patches                          # [B, K], sums to 1 per image
+  distill = -jnp.sum(share * jnp.sum(jax.lax.stop_gradient(mix) * group_logp, axis=-1)) / b
+  patch_vs_group = -jnp.einsum('blv,bkv->bkl', p_sg, jnp.log(mix + 1e-6), precision=_HIGHEST)
+  purity = jnp.sum(a * patch_vs_group) / (b * num_patches)
+
+  loss = mil + distill_weight * distill + purity_weight * purity
+  v = prompt_x.shape[0] - 1
+  agree = (jnp.argmax(group_logits, -1) == jnp.argmax(mix, -1)).astype(jnp.float32)
+  aux = {'mil': mil, 'distill': distill, 'purity': purity,
+         'foreground_share': jnp.mean((jnp.argmax(p, -1) < v).astype(jnp.float32)),
+         'group_agreement': jnp.sum(share * agree) / b}
+  return loss, aux
+
+
 # --------------------------------------------------------------------------------------------- total
 
 def paper_single_mask_start(total_steps: int, mask_start_fraction: float) -> int:
@@ -433,9 +496,10 @@ def mask_loss_weight(step: jax.Array | int, total_steps: int, recipe: str, mask_
 
 def total_loss(contrast: jax.Array, entity: jax.Array, mask: jax.Array | None, *,
                entity_weight: float = 1.0, mask_lambda: jax.Array | float = 0.0,
-               group_match: jax.Array | None = None, group_match_weight: float = 0.0) -> jax.Array:
+               extra: tuple[tuple[float, jax.Array], ...] = ()) -> jax.Array:
   """L_total = L_contrast + entity_weight * L_entity + lambda * L_mask (paper Eq. 13; official L705-710)
-  [+ group_match_weight * L_match, `group_match_loss`, not in the paper].
+  + sum of weight * L over `extra`, the (weight, loss) pairs of the terms not in the paper
+  (`group_match_loss`, `patch_grounding_loss`).
 
   `mask=None` (no teacher in stage 1) drops the term; otherwise it is added as lambda * L_mask even when
   lambda is 0 (so a NaN in L_mask is not hidden).
@@ -443,6 +507,6 @@ def total_loss(contrast: jax.Array, entity: jax.Array, mask: jax.Array | None, *
   total = contrast + entity_weight * entity
   if mask is not None:
     total = total + mask_lambda * mask
-  if group_match is not None:
-    total = total + group_match_weight * group_match
+  for weight, term in extra:
+    total = total + weight * term
   return total

@@ -220,23 +220,32 @@ def forward_losses(params, batch_stats, teacher, batch: dict, rng: jax.Array, st
     inter.update(group_logits=group_logits, cols=aux['cols'], detached=aux['detached'],
                  mask_online=aux['online_logits'], mask_teacher=aux['teacher_logits'])
 
-  # Not in the paper (config.loss.group_match_weight, default 0): the caption's entities matched one-to-one to
-  # groups, the other groups to a background prompt. The prompts are no batch: text BN in eval mode.
-  l_match = None
-  if config.loss.group_match_weight:
+  # Not in the paper (config.loss.group_match_weight, patch_ground_weight; default 0): per-group and per-patch
+  # terms against the vocabulary's prompts. The prompts are no batch: text BN in eval mode.
+  extra = []
+  if config.loss.group_match_weight or config.loss.patch_ground_weight:
     p_ids, p_mask, name_tokens = _match_prompt_arrays(config.data.dataset, int(config.model.text.max_length))
     prompt_txt, _ = call(bs, OVSegmentor.encode_text, jnp.asarray(p_ids), jnp.asarray(p_mask), False)
     present = losses.entity_presence(batch['answer_ids'], jnp.asarray(name_tokens))
+  if config.loss.group_match_weight:
     l_match, match_aux = losses.group_match_loss(
         img['image_feat'], prompt_txt['text_x'], present, scale, config.loss.group_match_background_weight,
         _matcher(config, mesh))
+    extra.append((config.loss.group_match_weight, l_match))
     metrics.update(loss_group_match=l_match, group_match_acc=match_aux['accuracy'],
                    group_match_bg_acc=match_aux['background_accuracy'])
+  if config.loss.patch_ground_weight:
+    if 'patch_x' not in img:
+      raise ValueError('loss.patch_ground_weight > 0 needs model.patch_head=True (the patch projection head)')
+    l_patch, patch_aux = losses.patch_grounding_loss(
+        img['patch_x'], img['image_feat'], img['soft'], prompt_txt['text_x'], present, scale,
+        config.loss.patch_top_k, config.loss.patch_distill_weight, config.loss.patch_purity_weight)
+    extra.append((config.loss.patch_ground_weight, l_patch))
+    metrics.update(loss_patch_ground=l_patch, **{f'patch_{k}': v for k, v in patch_aux.items()})
   metrics.update(group_health.binding_health(img))
 
   total = losses.total_loss(l_contrast, l_entity, l_mask, entity_weight=config.loss.entity_weight,
-                            mask_lambda=lam, group_match=l_match,
-                            group_match_weight=config.loss.group_match_weight)
+                            mask_lambda=lam, extra=tuple(extra))
   valid = jnp.maximum(jnp.sum(batch['question_mask']), 1)
   metrics.update(
       loss=total, loss_contrast=l_contrast, loss_entity=l_entity,

@@ -5,6 +5,7 @@ Param tree top level:
   img_encoder       VisualEncoder (models/visual.py)
   text_encoder      BertModel (models/bert.py, HF names)
   img_projector, text_projector, bridge_projector   ProjectionHead (models/heads.py; batch_stats */bn/{mean,var})
+  patch_projector   ProjectionHead on the stage-1 patch tokens, only with config.patch_head (not in the paper)
   decoder           EntityDecoder (models/decoder.py)
   logit_scale       scalar, init log(1 / temperature_init); used as min(exp(.), max_logit_scale) (Eq. 7)
 """
@@ -33,6 +34,8 @@ class OVSegmentor(nn.Module):
     self.img_projector = heads.ProjectionHead(*proj)
     self.text_projector = heads.ProjectionHead(*proj)
     self.bridge_projector = heads.ProjectionHead(*proj)
+    if c.patch_head:
+      self.patch_projector = heads.ProjectionHead(*proj)
     self.decoder = decoder_lib.EntityDecoder(c.decoder.num_heads, c.decoder.mlp_ratio, c.vision.ln_eps,
                                              c.decoder.attend_padding, dtype)
     init = float(np.log(1.0 / c.temperature_init))
@@ -40,7 +43,8 @@ class OVSegmentor(nn.Module):
 
   def encode_image(self, images: jnp.ndarray, train: bool = False, deterministic: bool = False) -> dict:
     """images [B, H, W, 3] -> image_x [B, P], image_feat [B, K, P], image_x_before_proj [B, C],
-    image_feat_before_proj [B, K, C], soft / hard [B, K, L], q [B, K, C], k [B, L, C], grid (h, w).
+    image_feat_before_proj [B, K, C], soft / hard [B, K, L], q [B, K, C], k [B, L, C], patches [B, L, C],
+    grid (h, w), and with config.patch_head patch_x [B, L, P] (the projected patch tokens).
 
     The projector runs on the pooled vector first, then per group token (the official order, which
     matters for the BN running statistics in train mode).
@@ -52,6 +56,8 @@ class OVSegmentor(nn.Module):
     out['image_feat_before_proj'] = groups
     out['image_x'] = self.img_projector(pooled, train)
     out['image_feat'] = self.img_projector(groups, train)
+    if self.config.patch_head:
+      out['patch_x'] = self.patch_projector(out['patches'], train)
     return out
 
   def encode_text(self, ids: jnp.ndarray, mask: jnp.ndarray, train: bool = False,

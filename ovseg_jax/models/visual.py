@@ -33,7 +33,8 @@ class VisualEncoder(nn.Module):
 
     Returns dict: `x` [B, K_out, C] groups after the final LN, `soft` / `hard` [B, K_out, L] (L = h*w,
     row-major), `q` [B, K_out, C], `k` [B, L, C], `assign_query`, `assign_key`, `slots_init` [B, K, C] (the
-    group tokens after stage 1, or the drawn slots s_0 in 'slot' mode), `grid` = (h, w) python ints.
+    group tokens after stage 1, or the drawn slots s_0 in 'slot' mode), `patches` [B, L, C] (the stage-1
+    patch tokens, the binding's input), `grid` = (h, w) python ints.
     `train` enables drop-path and Gumbel noise; `deterministic` turns both off while keeping train mode.
     """
     vc, bc = self.config.vision, self.config.binding
@@ -61,6 +62,7 @@ class VisualEncoder(nn.Module):
       out = binding_lib.SlotBinding(bc.num_output_groups, bc.slot_iters, bc.slot_cosine, bc.assignment,
                                     bc.gumbel_tau, vc.mlp_ratio, vc.qkv_bias, vc.ln_eps, dtype, name='binding')(
                                         x, local if bc.slot_values == 'local' else None, train, deterministic)
+      patches = x
     else:
       tokens = self.param('group_token', vit.INIT, (bc.num_group_tokens, width), jnp.float32)
       x = vit.constrain_batch(jnp.concatenate(
@@ -68,6 +70,7 @@ class VisualEncoder(nn.Module):
       for i in range(d1):
         x = vit.constrain_batch(block(i, f'stage1_block{i}')(x, stochastic))
       x, groups = x[:, :num_patches], x[:, num_patches:]
+      patches = x
       out = binding_lib.GroupingBlock(
           bc.num_output_groups, vc.num_heads, bc.assignment, bc.gumbel_tau, bc.token_mlp_ratio, vc.mlp_ratio,
           vc.qkv_bias, vc.ln_eps, dtype, name='binding')(x, groups, train, deterministic)
@@ -76,4 +79,4 @@ class VisualEncoder(nn.Module):
     for j in range(d2):
       g = vit.constrain_batch(block(d1 + j, f'stage2_block{j}')(g, stochastic))
     g = vit.layer_norm(vc.ln_eps, dtype, 'norm')(g)
-    return dict(x=g, grid=grid, **out)
+    return dict(x=g, grid=grid, patches=patches, **out)
