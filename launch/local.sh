@@ -34,7 +34,7 @@ run bash launch/setup_venv.sh run
 stage "2/6 synthetic caption dataset -> tfds array_record (train) and a held-out VOC-layout split"
 run "$PY" -m ovseg_jax.data.synthetic --output "$RUN/data" --split train --num_images "$TRAIN_IMAGES" --seed 0 --format tfds --num_workers 2
 run "$PY" -m ovseg_jax.data.synthetic --output "$RUN/val" --split val --num_images "$VAL_IMAGES" --seed "$VAL_SEED" --format voc
-stage "3/6 train configs/tiny.py:$VARIANT (contrast + entity + mask with EMA teacher)"
+stage "3/6 train configs/tiny.py:$VARIANT (contrast + entity + mask with EMA teacher, + patch-level grounding)"
 run "$PY" -m ovseg_jax.train --config="configs/tiny.py:$VARIANT" --workdir="$RUN/train" \
   --config.data.data_dir="$RUN/data" --config.eval_during_training.data_dir="$RUN/val" --config.seed="$SEED"
 stage "4/6 export the inference checkpoint"

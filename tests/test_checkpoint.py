@@ -170,7 +170,7 @@ def test_meta_carries_the_config_and_the_resume_keys_are_classified(tmp_path):
   longer.unlock()
   longer.train.total_steps, longer.mesh, longer.eval.short_side = 3000, (('data', -1), ('fsdp', 2)), 224
   assert checkpoint.check_resume(longer, str(tmp_path), ck) == [
-      'eval.short_side: 64 -> 224', 'mesh: [["data", -1], ["fsdp", 1]] -> [["data", -1], ["fsdp", 2]]',
+      'eval.short_side: 80 -> 224', 'mesh: [["data", -1], ["fsdp", 1]] -> [["data", -1], ["fsdp", 2]]',
       'train.total_steps: 1500 -> 3000']
   other = tiny.get_config()
   other.unlock()
