@@ -451,8 +451,13 @@ def parse_flags(argv):
     if isinstance(e, flags.Error) and not name.startswith('config'):  # not about --config, e.g. --workdri
       print(f'error: {cli.flag_error_message(e)}', file=sys.stderr)
       sys.exit(2)
+    lines = [line for line in str(e).splitlines() if line.strip()] or [repr(e)]
+    if 'Error whilst parsing config file' in lines[0]:   # the config file raised: its own last line says why
+      spec = next((a for a in argv[1:] if a.startswith('--config=')), '--config')
+      print(f'error: {spec}: {lines[-1]}', file=sys.stderr)
+      sys.exit(2)
     bad = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
-    why = (str(e).splitlines() or [repr(e)])[0]
+    why = lines[0]
     if why.strip('"\'') and ' ' not in why:   # ml_collections reports an unknown key as just its (quoted) name
       why = f'unknown key {why.strip(chr(34) + chr(39))}'
 

@@ -255,3 +255,8 @@ def test_python_m_exit_codes(tmp_path):
   assert 'Traceback' not in typo.stderr
   missing = run('-m', 'ovseg_jax.train', '--config=configs/tiny.py')
   assert missing.returncode == 2 and 'error: --config and --workdir are required' in missing.stderr
+  # A variant the config file rejects: its own message, one line, not config_flags' wrapped traceback.
+  variant = run('-m', 'ovseg_jax.train', '--config=configs/tiny.py:grounding=x', f'--workdir={tmp_path}')
+  assert variant.returncode == 2 and 'Traceback' not in variant.stderr
+  assert [line for line in variant.stderr.splitlines() if line.startswith('error:')] == [
+      "error: --config=configs/tiny.py:grounding=x: ValueError: grounding='x': expected 'patch' or 'none'"]
