@@ -220,6 +220,10 @@ def test_architectures_the_authors_cannot_load_are_refused(trip, capsys):
   stem.vision.stem_channels = (32, 64)
   with pytest.raises(ValueError, match='no conv stem'):
     official_export.state_dict(stem, variables)
+  grounded = model_config.copy_and_resolve_references()
+  grounded.patch_head = True
+  with pytest.raises(ValueError, match='no patch projection head'):
+    official_export.state_dict(grounded, variables)
   extra = {'params': dict(variables['params'], extra={'w': np.zeros(2, np.float32)}),
            'batch_stats': variables['batch_stats']}
   with pytest.raises(ValueError, match='1 variables have no key.*extra/w'):

@@ -238,6 +238,7 @@ def infer_model_config(sd: dict, stored: dict | None, base: ml_collections.Confi
   d1 = count_indexed('img_encoder.layers.0.blocks.', sd)
   d2 = count_indexed('img_encoder.layers.1.blocks.', sd)
   m.vision.stem_channels = ()  # the authors' layout: a plain patch embed (configs/tiny.py adds a stem)
+  m.patch_head = False         # nor a patch projection head (configs/tiny.py adds one; Q34)
   m.vision.update(width=width, patch_size=patch, img_size=side * patch, depths=(d1, d2),
                   mlp_ratio=need('img_encoder.layers.0.blocks.0.mlp.fc1.weight').shape[0] / width)
   heads = img_cfg.get('num_heads')

@@ -123,6 +123,9 @@ def official_layout(model_config) -> list[tuple[str, tuple, str]]:
                      '(it always has a token MLP from num_group_tokens to fewer output groups)')
   if not m.vision.qkv_bias:
     raise ValueError('vision.qkv_bias=False has no counterpart in the authors\' layout (their qkv has a bias)')
+  if m.get('patch_head', False):
+    raise ValueError('model.patch_head=True: the authors\' layout has no patch projection head (not in the '
+                     'paper, docs/paper_vs_authors.md Q34); use the inference export (the default --format)')
   if tuple(m.vision.stem_channels):
     raise ValueError(f'vision.stem_channels={tuple(m.vision.stem_channels)}: the authors\' layout has a plain '
                      'patch embed and no conv stem; use the inference export (the default --format)')
