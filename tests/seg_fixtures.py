@@ -30,6 +30,9 @@ def tiny_model_config() -> ml_collections.ConfigDict:
   m.text.update(width=64, num_layers=1, num_heads=2, intermediate=128)
   m.proj.update(hidden=128, out=64)
   m.decoder.num_heads = 4
+  # The authors' heads only: inference never reads the patch head, and without it the random fixture (BN noise
+  # drawn in tree order) stays the one the window tests were written against.
+  m.patch_head = False
   return m
 
 
