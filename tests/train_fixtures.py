@@ -27,8 +27,9 @@ CLI_SMALL = [
 
 def small_config(*, stage: int = 2, batch: int = 8, steps: int = 6, mesh=(('data', -1), ('fsdp', 1)),
                  **train_overrides):
-  """A stage-2 (three losses, frozen-free) tiny run; `mesh` and config.train keys may be overridden."""
-  c = tiny.get_config(f'steps={steps}')
+  """A stage-2 (the paper's three losses, frozen-free) tiny run; `mesh` and config.train keys may be overridden.
+  Patch grounding (on in configs/tiny.py) is off: tests/test_patch_grounding.py turns it on."""
+  c = tiny.get_config(f'steps={steps},grounding=none')
   c.unlock()
   m = c.model
   m.vision.update(width=32, depths=(1, 1), num_heads=2, img_size=32, patch_size=8)
