@@ -5,7 +5,6 @@ inference, and the binding's health signals (against NumPy)."""
 import itertools
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,28 +149,13 @@ def test_background_prompt_row_is_kept_and_competes_as_a_class():
 
 def _slot_match_run(devices):
   from configs import common  # pylint: disable=g-import-not-at-top
-  from ovseg_jax import optim
-  from ovseg_jax import sharding
-  from ovseg_jax import train_step as ts
   from tests import train_fixtures as tf
-  chex.clear_trace_counter()   # each call builds its own jitted step
   config = tf.small_config(steps=2)
   config.unlock()
   common.apply_binding_mode(config, 'slot')
   config.loss.group_match_weight = 1.0
   config.lock()
-  mesh = sharding.make_mesh(config.mesh, devices)
-  model = ts.make_model(config)
-  tx, sched = optim.make_optimizer(config.optim, total_steps=2, warmup_steps=1,
-                                   global_batch=config.train.global_batch_size)
-  state, shardings = sharding.create_sharded_state(
-      lambda r: ts.init_state(config, model, tx, r), mesh, config.sharding, jax.random.key(0))
-  step_fn = ts.jit_train_step(config, model, tx, sched, 2, mesh, shardings, max_traces=1)
-  it, metrics = tf.batches(config), []
-  for _ in range(2):
-    state, m = step_fn(state, sharding.host_batch_to_global(next(it), mesh), jax.random.key(1))
-    metrics.append(jax.device_get(m))
-  return metrics
+  return tf.sharded_steps(config, devices)[0]
 
 
 def test_slot_binding_and_group_match_train_sharded():

@@ -100,3 +100,26 @@ def use_compile_cache() -> dict:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   compilation_cache.set_cache_dir(COMPILE_CACHE)
   return {'JAX_COMPILATION_CACHE_DIR': COMPILE_CACHE, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '1.0'}
+
+
+def sharded_steps(config, devices, num_steps: int = 2) -> tuple[list[dict], dict]:
+  """`num_steps` jitted, sharded train steps of `config` on `devices` (a fresh state, one trace allowed)
+  -> (per-step host metrics, the initial state's params)."""
+  import chex  # pylint: disable=g-import-not-at-top
+  from ovseg_jax import optim  # pylint: disable=g-import-not-at-top
+  from ovseg_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ovseg_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  chex.clear_trace_counter()   # each call builds its own jitted step
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model = ts.make_model(config)
+  tx, sched = optim.make_optimizer(config.optim, total_steps=num_steps, warmup_steps=1,
+                                   global_batch=config.train.global_batch_size)
+  state, shardings = sharding.create_sharded_state(
+      lambda r: ts.init_state(config, model, tx, r), mesh, config.sharding, jax.random.key(0))
+  params = jax.tree.map(lambda x: x.shape, state['params'])
+  step_fn = ts.jit_train_step(config, model, tx, sched, num_steps, mesh, shardings, max_traces=1)
+  it, metrics = batches(config), []
+  for _ in range(num_steps):
+    state, m = step_fn(state, sharding.host_batch_to_global(next(it), mesh), jax.random.key(1))
+    metrics.append(jax.device_get(m))
+  return metrics, params
