@@ -24,7 +24,8 @@ It also splits the mIoU loss by stage (pixels at the training size, ignore band 
 It also counts the distinct assignment queries per image (`distinct_directions` of the K_out q vectors), and
 prints the binding's health signals (ovseg_jax/group_health.py: token / query cosine, groups used, assignment
 entropy) on the same images, as the train log shows them.
-With `--eval.background=prompt` the `model` stage reads the background prompt instead of the threshold.
+With `--eval.background=prompt` the `model` stage reads the background prompt instead of the threshold,
+lowered by `eval.bg_prompt_margin` as evaluate does.
 """
 
 import sys
@@ -128,7 +129,8 @@ def main(argv=None):
         groups += 1
         hits += int(np.argmax(classes @ zg[k]) + 1 == major)
     _score_stages(cms, used, ex['label'], out, zg, classes, scale, size, patch,
-                  float(seg.eval_config.bg_threshold), background, unit(bg_prompt[0]) if patch_head else None)
+                  float(seg.eval_config.bg_threshold), background, unit(bg_prompt[0]) if patch_head else None,
+                  float(seg.eval_config.get('bg_prompt_margin', 0.0)))
   off = (classes @ classes.T)[~np.eye(len(classes), dtype=bool)].mean()
   print(f'{a.split} seed {a.seed}, {a.num_images} images: image-level recall {np.mean(recall):.3f}, '
         f'group-level accuracy {hits / max(groups, 1):.3f} over {groups} object groups, '
@@ -143,9 +145,10 @@ def main(argv=None):
 
 
 def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_threshold, background=None,
-                  patch_background=None):
+                  patch_background=None, bg_margin=0.0):
   """Adds one image to the confusion matrices of the module docstring (zg: unit group embeddings;
-  background: the [1, P] background prompt embedding for eval.background='prompt', else None;
+  background: the [1, P] background prompt embedding for eval.background='prompt', else None, and bg_margin
+  its eval.bg_prompt_margin;
   patch_background: the unit [P] background prompt for the 'patch head' stage, None without model.patch_head)."""
   grid = size // patch
   lab = np.asarray(Image.fromarray(label).resize((size, size), Image.NEAREST)).astype(np.int64)
@@ -156,7 +159,8 @@ def _score_stages(cms, used, label, out, zg, classes, scale, size, patch, bg_thr
   text = np.asarray(classes, np.float32)
   logits = inference.eq1_logits(out['soft'], (grid, grid), out['image_feat'], out['image_x'],
                                 np.concatenate([background, text]) if prompt_bg else text, scale, (size, size),
-                                bg_threshold=None if prompt_bg else bg_threshold, background_row=prompt_bg)
+                                bg_threshold=None if prompt_bg else bg_threshold, background_row=prompt_bg,
+                                background_margin=bg_margin)
   major = np.array([majority(lab[owner == g]) or 0 for g in range(zg.shape[0])])
   best = np.argmax(zg @ classes.T, axis=1) + 1
   blocks = lab.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid, grid, -1)

@@ -85,6 +85,7 @@ CONFIG_KEYS_ADDED = {
     'loss.patch_top_k': 4,
     'loss.patch_distill_weight': 1.0,
     'loss.patch_purity_weight': 1.0,
+    'eval.bg_prompt_margin': 0.0,
 }
 CONFIG_KEYS_REMOVED = ('loss.group_diversity_weight', 'loss.group_entity_weight', 'loss.group_entity_bg_weight',
                        'loss.group_entity_vocab', 'loss.group_entity_template')

@@ -19,6 +19,10 @@ def defaults() -> ml_collections.ConfigDict:
       # 'threshold': Eq. 1's rule above. 'prompt' (not in the paper): "a photo of a background." is one more
       # class, for models trained with loss.group_match_weight, which teaches it to the unmatched groups.
       background='threshold',
+      # With background='prompt' (not in the paper): subtracted from the background prompt's cosine similarity
+      # before Eq. 1's softmax, a prior against the background row (configs/tiny.py: 0.25, chosen on a
+      # selection split; bench/RESULTS.md "Background margin"). 0 scores the prompt like any class.
+      bg_prompt_margin=0.0,
       top_k=5,                         # classes kept by the image-level filter of Eq. 1
       # PAMR (pamr.py; TCL's inference refinement, not the authors'): refine the window-averaged logits along
       # the image's colour edges before the final resize. TCL's settings: 10 iterations, dilations

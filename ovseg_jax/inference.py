@@ -132,7 +132,8 @@ def scores_from_logits(logits: np.ndarray, out_hw: tuple[int, int]) -> np.ndarra
 # ------------------------------------------------------------------------------------------------------------
 
 def group_class_affinity(image_feat: jnp.ndarray, image_x: jnp.ndarray, text_emb: jnp.ndarray,
-                         scale: jnp.ndarray, top_k: int = 5, background_row: bool = False) -> jnp.ndarray:
+                         scale: jnp.ndarray, top_k: int = 5, background_row: bool = False,
+                         background_margin=0.0) -> jnp.ndarray:
   """Group -> class probabilities of Eq. 1 with the authors' image-level top-k filter.
 
   Args:
@@ -142,12 +143,18 @@ def group_class_affinity(image_feat: jnp.ndarray, image_x: jnp.ndarray, text_emb
     scale: scalar logit scale exp(t), already clamped.
     top_k: classes kept per image (min(top_k, N)).
     background_row: text_emb[0] is the background prompt: always kept, the top-k runs over the other rows.
+    background_margin: with background_row, subtracted from the background row's cosine (a float or traced
+      scalar; `eval.bg_prompt_margin`, not in the paper).
   Returns:
-    P [B, K, N] = softmax_N over the kept classes of (s Z_g T^T) * softmax_N(s Z_g T^T).
+    P [B, K, N] = softmax_N over the kept classes of (s Z_g T^T) * softmax_N(s Z_g T^T), where with
+    background_row the cosine Z_g t_0 of the background prompt is first lowered by background_margin.
   """
   zg = l2_normalize(image_feat)
   z = l2_normalize(image_x)
-  group_logits = jnp.einsum('bkp,np->bkn', zg, text_emb, precision='highest') * scale
+  cosine = jnp.einsum('bkp,np->bkn', zg, text_emb, precision='highest')
+  if background_row:
+    cosine = cosine.at[..., 0].add(-jnp.asarray(background_margin, cosine.dtype))
+  group_logits = cosine * scale
   pre = jax.nn.softmax(group_logits, axis=-1)
   image_prob = jax.nn.softmax(jnp.einsum('bp,np->bn', z, text_emb, precision='highest') * scale, axis=-1)
   n = text_emb.shape[0]
@@ -163,7 +170,7 @@ def group_class_affinity(image_feat: jnp.ndarray, image_x: jnp.ndarray, text_emb
 
 def eq1_logits(soft: jnp.ndarray, grid: tuple[int, int], image_feat: jnp.ndarray, image_x: jnp.ndarray,
                text_emb: jnp.ndarray, scale: jnp.ndarray, out_hw: tuple[int, int], *, top_k: int = 5,
-               bg_threshold=None, background_row: bool = False) -> jnp.ndarray:
+               bg_threshold=None, background_row: bool = False, background_margin=0.0) -> jnp.ndarray:
   """Per-window class logits of Eq. 1 (GroupViT `encode_decode`).
 
   Args:
@@ -174,6 +181,7 @@ def eq1_logits(soft: jnp.ndarray, grid: tuple[int, int], image_feat: jnp.ndarray
     bg_threshold: None (no background channel) or the background threshold (a float or traced scalar).
     background_row: text_emb[0] is the background prompt (`eval.background='prompt'`): channel 0 is then its
       P like any class's, and bg_threshold must be None.
+    background_margin: see `group_class_affinity`.
   Returns:
     [B, C, H, W] logits, C = N (+1 with the background first): logit[c, x] = P[argmax_k A[k, x], c];
     background = 1 where max_c logit[c, x] < min(bg_threshold, max P), else 0.
@@ -182,7 +190,8 @@ def eq1_logits(soft: jnp.ndarray, grid: tuple[int, int], image_feat: jnp.ndarray
   maps = resize_lib.resize(soft.reshape(b, k, *grid), out_hw, 'bilinear', align_corners=False,
                            spatial_axes=(-2, -1))                     # [B, K, H, W]
   group = jnp.argmax(maps, axis=1)                                    # [B, H, W]
-  p = group_class_affinity(image_feat, image_x, text_emb, scale, top_k, background_row)  # [B, K, N]
+  p = group_class_affinity(image_feat, image_x, text_emb, scale, top_k, background_row,
+                           background_margin)                          # [B, K, N]
   fg = jnp.moveaxis(p[jnp.arange(b)[:, None, None], group], -1, 1)   # [B, N, H, W]
   if bg_threshold is None:
     return fg
@@ -213,7 +222,7 @@ WINDOW_TRACES = {}
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'top_k', 'with_bg', 'bg_prompt'))
-def _window_step(variables, crops, text_emb, bg_threshold, *, model, top_k, with_bg, bg_prompt=False):
+def _window_step(variables, crops, text_emb, bg_threshold, bg_margin, *, model, top_k, with_bg, bg_prompt=False):
   """Eq. 1 on a batch of windows: crops [b, h, w, 3] -> logits [b, C, h, w].
 
   Module-level with the (hashable) model as a static argument, so Segmenters of the same model config
@@ -225,7 +234,7 @@ def _window_step(variables, crops, text_emb, bg_threshold, *, model, top_k, with
   scale = model.apply(variables, method=OVSegmentor.logit_scale_exp)
   return eq1_logits(out['soft'], tuple(out['grid']), out['image_feat'], out['image_x'], text_emb, scale,
                     crops.shape[1:3], top_k=top_k, bg_threshold=bg_threshold if with_bg and not bg_prompt else None,
-                    background_row=with_bg and bg_prompt)
+                    background_row=with_bg and bg_prompt, background_margin=bg_margin)
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -294,6 +303,8 @@ class Segmenter:
     self.eval_config = eval_config
     if self.eval_config.background not in ('threshold', 'prompt'):
       raise ValueError(f"eval.background={self.eval_config.background!r}: expected 'threshold' or 'prompt'")
+    if not np.isfinite(float(self.eval_config.get('bg_prompt_margin', 0.0))):
+      raise ValueError(f'eval.bg_prompt_margin={self.eval_config.bg_prompt_margin!r}: must be a finite number')
     if self.eval_config.templates not in prompts.TEMPLATES:
       raise ValueError(f'eval.templates={self.eval_config.templates!r}: expected one of '
                        f'{sorted(prompts.TEMPLATES)}')
@@ -368,6 +379,7 @@ class Segmenter:
     """
     thr = np.float32(self.eval_config.bg_threshold if background_threshold is None else background_threshold)
     bg_prompt = bool(background) and self.eval_config.background == 'prompt'
+    margin = np.float32(self.eval_config.get('bg_prompt_margin', 0.0))   # traced: no recompile per value
     if bg_prompt:   # the background prompt is class row 0 (eval.background='prompt')
       text_emb = jnp.concatenate([self.text_embedding((BACKGROUND,)), jnp.asarray(text_emb)], axis=0)
     cap = max(1, int(self.eval_config.window_batch))
@@ -375,7 +387,7 @@ class Segmenter:
     while start < len(crops):
       n = min(cap, 1 << ((len(crops) - start).bit_length() - 1))
       chunk = np.asarray(crops[start:start + n], np.float32)
-      logits = _window_step(self.variables, chunk, text_emb, thr, model=self.model,
+      logits = _window_step(self.variables, chunk, text_emb, thr, margin, model=self.model,
                             top_k=int(self.eval_config.top_k), with_bg=bool(background), bg_prompt=bg_prompt)
       out.append(np.asarray(logits))
       start += n

@@ -20,8 +20,8 @@ from ovseg_jax.data import entities
 from ovseg_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EVAL_KEYS = ('background, bg_threshold, long_side, pamr, pamr_dilations, pamr_downsample, pamr_iterations, short_side, '
-             'stride, templates, top_k, window, window_batch')
+EVAL_KEYS = ('background, bg_prompt_margin, bg_threshold, long_side, pamr, pamr_dilations, pamr_downsample, '
+             'pamr_iterations, short_side, stride, templates, top_k, window, window_batch')
 
 
 def _eval_argv(*extra):

@@ -145,6 +145,52 @@ def test_background_prompt_row_is_kept_and_competes_as_a_class():
   assert logits.shape == (1, 4, 1, 3) and np.asarray(logits[0]).argmax(0).tolist() == [[0, 1, 2]]
 
 
+def _affinity_numpy(groups, image, text, scale, top_k, margin):
+  """Eq. 1's P with the background prompt in row 0, its cosine lowered by margin, written from the definition."""
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+  cos = unit(groups) @ text.T
+  cos[..., 0] -= margin
+  logits = scale * cos
+  soft = lambda v: np.exp(v - v.max(-1, keepdims=True)) / np.exp(v - v.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  out = np.zeros_like(logits)
+  for b in range(groups.shape[0]):
+    image_cos = unit(image[b]) @ text.T
+    kept = [0] + (1 + np.argsort(-image_cos[1:])[:top_k]).tolist()
+    out[b][:, kept] = soft(logits[b][:, kept])
+  return out * soft(logits)
+
+
+def test_background_margin_lowers_the_background_prompt_cosine():
+  rng = np.random.default_rng(5)
+  text = rng.normal(size=(6, 16)).astype(np.float32)
+  text /= np.linalg.norm(text, axis=-1, keepdims=True)
+  groups, image = rng.normal(size=(2, 4, 16)).astype(np.float32), rng.normal(size=(2, 16)).astype(np.float32)
+  for margin in (0.0, 0.1, -0.2):
+    got = inference.group_class_affinity(jnp.asarray(groups), jnp.asarray(image), jnp.asarray(text),
+                                         jnp.float32(14.0), top_k=3, background_row=True, background_margin=margin)
+    np.testing.assert_allclose(np.asarray(got), _affinity_numpy(groups, image, text, 14.0, 3, margin), atol=1e-6)
+  # a margin beyond every cosine gap takes the background away from each group; no margin leaves it to one
+  t = np.eye(3, dtype=np.float32)
+  near_bg = np.stack([t[0] * 2 + t[1], t[1] * 2 + t[2]])[None]
+  wins = lambda m: np.asarray(inference.group_class_affinity(
+      jnp.asarray(near_bg), jnp.asarray(t[1][None]), jnp.asarray(t), jnp.float32(20.0), top_k=2,
+      background_row=True, background_margin=m)[0]).argmax(-1).tolist()
+  assert wins(0.0) == [0, 1] and wins(0.5) == [1, 1]
+
+
+def test_segmenter_reads_the_margin_and_rejects_a_non_finite_one():
+  from tests import seg_fixtures  # pylint: disable=g-import-not-at-top
+  cfg = seg_fixtures.tiny_model_config()
+  variables = seg_fixtures.tiny_variables(cfg)
+  image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8)
+  small = dict(short_side=32, window=32, stride=16, background='prompt')
+  scores = [inference.Segmenter(cfg, variables, dict(small, bg_prompt_margin=m)).segment(image, ['cat', 'dog'])[1]
+            for m in (0.0, 0.5)]
+  assert scores[1][0].mean() < scores[0][0].mean()      # the background channel loses probability mass
+  with pytest.raises(ValueError, match='eval.bg_prompt_margin=nan: must be a finite number'):
+    inference.Segmenter(cfg, variables, dict(small, bg_prompt_margin=float('nan')))
+
+
 # ------------------------------------------------------------------------------------ in the train step
 
 def _slot_match_run(devices):
